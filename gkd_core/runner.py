@@ -1,0 +1,182 @@
+"""High-level recipes over the library: train a teacher, distil a student, evaluate, save and load models.
+
+The CLI (``gkd``) and the pipeline's stage tasks both call these functions, so each step has one
+implementation. Everything here takes validated :class:`~gkd_core.config.Params` and plain paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from gkd_core.config import MethodConfig, ModelConfig, NetConfig, Params
+from gkd_core.data import PreparedData, make_loaders
+from gkd_core.distiller import build_distiller
+from gkd_core.engine import Callback, config_fingerprint, fit, predict, resolve_device, seed_everything
+from gkd_core.io import torch_save
+from gkd_core.metrics import classification_report
+from gkd_core.models import build_model
+from gkd_core.schedules import build_schedule
+
+logger = logging.getLogger(__name__)
+
+MODEL_FORMAT = "gkd-model/1"
+
+
+@dataclass
+class RunResult:
+    model: nn.Module  # the trained network, eval mode, on CPU
+    history: list[dict[str, float]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def build_net(model_cfg: ModelConfig, data: PreparedData) -> nn.Module:
+    return build_model(model_cfg.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                       width=model_cfg.width)
+
+
+def _train(
+    params: Params, data: PreparedData, net_cfg: NetConfig, method: MethodConfig, teacher: Optional[nn.Module],
+    checkpoint_path: str | Path | None, callbacks: Sequence[Callback], resume: bool, desc: str,
+    stop_after_epochs: Optional[int] = None,
+) -> RunResult:
+    rt = params.runtime
+    device = resolve_device(rt.device)
+    seed_everything(params.seed, rt.deterministic, device)
+    student = build_net(net_cfg.model, data)
+    schedule_name, schedule_kwargs = method.schedule_params()
+    schedule = build_schedule(schedule_name, **schedule_kwargs)
+    if teacher is not None:
+        teacher = teacher.to(device)
+    distiller = build_distiller(method, params.losses, student, teacher, schedule,
+                                label_smoothing=net_cfg.train.label_smoothing, seed=params.seed)
+    use_cl = rt.channels_last and device.type == "cuda"
+    train_loader, val_loader, _ = make_loaders(
+        data, net_cfg.train, rt.loader, device, seed=params.seed, num_workers=rt.num_workers, channels_last=use_cl,
+    )
+    fingerprint = config_fingerprint(
+        desc, net_cfg.model_dump(), method.model_dump(), params.losses.model_dump(), params.seed,
+        data.meta.get("hash"),
+    )
+    result = fit(
+        distiller, train_loader, val_loader, net_cfg.train, device=device,
+        progress_granularity=method.progress, checkpoint_path=checkpoint_path, resume=resume,
+        fingerprint=fingerprint, callbacks=callbacks, amp=rt.amp, channels_last=use_cl, compile=rt.compile,
+        progress_bar=rt.progress_bar, desc=desc, stop_after_epochs=stop_after_epochs,
+    )
+    student = distiller.student.to("cpu").eval()
+    if use_cl:
+        student = student.to(memory_format=torch.contiguous_format)
+    summary = {
+        "best_val_accuracy": result.best_val_accuracy,
+        "final_val_accuracy": result.final_val_accuracy,
+        "epochs": net_cfg.train.epochs,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "train_seconds": result.train_seconds,
+        "images_per_second": result.images_per_second,
+        "method": method.name if teacher is not None else "none",
+        "device": str(device),
+        "parameters": sum(p.numel() for p in student.parameters()),
+    }
+    return RunResult(model=student, history=result.history, summary=summary)
+
+
+def train_teacher(
+    params: Params, data: PreparedData, checkpoint_path: str | Path | None = None,
+    callbacks: Sequence[Callback] = (), resume: bool = True, stop_after_epochs: Optional[int] = None,
+) -> RunResult:
+    """Train ``params.teacher`` on the prepared data with cross-entropy alone."""
+    return _train(params, data, params.teacher, MethodConfig(name="none"), None, checkpoint_path, callbacks,
+                  resume, "teacher", stop_after_epochs)
+
+
+def distill_student(
+    params: Params, data: PreparedData, teacher: Optional[nn.Module], checkpoint_path: str | Path | None = None,
+    callbacks: Sequence[Callback] = (), resume: bool = True, method: Optional[MethodConfig] = None,
+    stop_after_epochs: Optional[int] = None,
+) -> RunResult:
+    """Train ``params.student`` under ``params.method`` (or ``method``) with the frozen ``teacher``."""
+    method = method or params.method
+    if method.name != "none" and teacher is None:
+        raise ValueError(f"method {method.name!r} needs a teacher model")
+    return _train(params, data, params.student, method, teacher if method.name != "none" else None,
+                  checkpoint_path, callbacks, resume, f"student[{method.name}]", stop_after_epochs)
+
+
+def save_model(model: nn.Module, model_cfg: ModelConfig, data: PreparedData, path: str | Path,
+               extra: Optional[dict[str, Any]] = None) -> None:
+    """Save weights plus everything needed to rebuild and feed the model (architecture, stats, classes)."""
+    torch_save(
+        {
+            "format": MODEL_FORMAT,
+            "model": model_cfg.model_dump(),
+            "num_classes": data.num_classes,
+            "in_channels": data.in_channels,
+            "image_size": data.image_size,
+            "mean": [float(v) for v in data.mean],
+            "std": [float(v) for v in data.std],
+            "classes": list(data.classes),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "extra": extra or {},
+        },
+        path,
+    )
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_model`; returns ``(model in eval mode on CPU, metadata)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{path}: not a readable model file ({err})") from None
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: not a gkd model file (expected format {MODEL_FORMAT!r})")
+    cfg = ModelConfig(**blob["model"])
+    model = build_model(cfg.name, num_classes=blob["num_classes"], in_channels=blob["in_channels"], width=cfg.width)
+    model.load_state_dict(blob["state_dict"])
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model.eval(), meta
+
+
+def split_tensors(data: PreparedData, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    return getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+
+
+def predict_split(model: nn.Module, data: PreparedData, split: str = "test", device: str = "auto",
+                  batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a split (normalised with the training statistics, no augmentation)."""
+    from gkd_core.data import DeviceLoader
+
+    dev = resolve_device(device)
+    x, y = split_tensors(data, split)
+    loader = DeviceLoader(x, y, data.mean, data.std, batch_size=batch_size, shuffle=False, augment=False,
+                          drop_last=False, device=dev)
+    return predict(model.to(dev), loader, dev)
+
+
+def evaluate_model(model: nn.Module, data: PreparedData, split: str = "test", teacher: Optional[nn.Module] = None,
+                   device: str = "auto") -> dict[str, Any]:
+    """Accuracy, top-5, ECE, per-class accuracy, confusion matrix (and teacher agreement) on a split."""
+    logits, y = predict_split(model, data, split, device)
+    teacher_logits = predict_split(teacher, data, split, device)[0] if teacher is not None else None
+    report = classification_report(logits, y, data.num_classes, teacher_logits=teacher_logits)
+    report["split"] = split
+    report["n"] = int(len(y))
+    return report
+
+
+def normalise_images(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 NCHW -> float32 normalised exactly as the loaders do (for export examples and serving)."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x_uint8.float() / 255.0 - m) / s
