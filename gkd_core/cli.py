@@ -1,0 +1,201 @@
+"""`gkd`: the library on the command line, usable without the pipeline.
+
+    gkd prepare --params params.yaml --out data/prepared.pt
+    gkd train-teacher --params params.yaml --out models/teacher.pt
+    gkd distill --params params.yaml --teacher models/teacher.pt --out models/student.pt [--method kd]
+    gkd evaluate --model models/student.pt --data data/prepared.pt
+    gkd schedules --params params.yaml --out reports/schedules.png
+
+Bad input (params, dataset paths, model names) ends with one clear message and exit code 2 before any
+compute; outputs are written atomically, so a failed command leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+logger = logging.getLogger("gkd")
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read")
+DataOpt = typer.Option(None, "--data", help="prepared dataset (.pt); prepared on the fly when omitted")
+Overrides = typer.Option(None, "--set", "-S", help="override a param: -S method.gompertz.c=6.0 (repeatable)")
+
+
+class UserError(Exception):
+    """Bad input the user can fix; shown as one message without a traceback."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+
+
+def parse_overrides(items: Optional[list[str]]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. method.gompertz.c=6.0")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_checked(params_path: Path, overrides: Optional[list[str]] = None):
+    """Validate params and the dataset source (cheap checks only) or raise UserError."""
+    from gkd_core.config import ConfigError, load_params
+    from gkd_core.data import DatasetError, check_dataset_source
+
+    try:
+        params = load_params(params_path, parse_overrides(overrides))
+        check_dataset_source(params.dataset)
+    except (ConfigError, DatasetError) as err:
+        raise UserError(str(err)) from None
+    return params
+
+
+def load_or_prepare(params, data_path: Optional[Path]):
+    from gkd_core.data import DatasetError, load_prepared, prepare_dataset
+
+    try:
+        if data_path is not None:
+            return load_prepared(data_path)
+        return prepare_dataset(params.dataset, params.seed)
+    except DatasetError as err:
+        raise UserError(str(err)) from None
+
+
+def run_cli(fn) -> None:
+    """Run a command body, turning user errors into one line on stderr and exit code 2."""
+    try:
+        fn()
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    setup_logging(verbose)
+
+
+@app.command()
+def prepare(params_path: Path = ParamsOpt, out: Path = typer.Option(Path("data/prepared.pt"), "--out"),
+            overrides: Optional[list[str]] = Overrides) -> None:
+    """Load the configured dataset, split it and write the uint8 tensor cache."""
+    from gkd_core.data import save_prepared
+
+    def body() -> None:
+        params = load_checked(params_path, overrides)
+        data = load_or_prepare(params, None)
+        save_prepared(data, out)
+        logger.info("wrote %s: %s", out, {k: data.meta[k] for k in ("name", "sizes") if k in data.meta})
+
+    run_cli(body)
+
+
+@app.command("train-teacher")
+def train_teacher_cmd(params_path: Path = ParamsOpt, data: Optional[Path] = DataOpt,
+                      out: Path = typer.Option(Path("models/teacher.pt"), "--out"),
+                      checkpoint: Optional[Path] = typer.Option(None, help="full-state checkpoint for resume"),
+                      overrides: Optional[list[str]] = Overrides) -> None:
+    """Train the teacher network with cross-entropy."""
+    from gkd_core.runner import evaluate_model, save_model, train_teacher
+
+    def body() -> None:
+        params = load_checked(params_path, overrides)
+        prepared = load_or_prepare(params, data)
+        result = train_teacher(params, prepared, checkpoint_path=checkpoint)
+        save_model(result.model, params.teacher.model, prepared, out, extra=result.summary)
+        test = evaluate_model(result.model, prepared, "test", device=params.runtime.device)
+        logger.info("teacher: val %.4f, test %.4f -> %s", result.summary["final_val_accuracy"], test["accuracy"], out)
+
+    run_cli(body)
+
+
+@app.command()
+def distill(params_path: Path = ParamsOpt, data: Optional[Path] = DataOpt,
+            teacher: Path = typer.Option(Path("models/teacher.pt"), "--teacher"),
+            out: Path = typer.Option(Path("models/student.pt"), "--out"),
+            method: Optional[str] = typer.Option(None, help="override method.name (none, kd, gompertz, ...)"),
+            checkpoint: Optional[Path] = typer.Option(None, help="full-state checkpoint for resume"),
+            overrides: Optional[list[str]] = Overrides) -> None:
+    """Distil the student from a trained teacher under the configured method."""
+    from gkd_core.runner import distill_student, evaluate_model, load_model, save_model
+
+    def body() -> None:
+        extra = list(overrides or []) + ([f"method.name={method}"] if method else [])
+        params = load_checked(params_path, extra)
+        teacher_model = None
+        if params.method.name != "none":
+            try:
+                teacher_model, _ = load_model(teacher)
+            except (FileNotFoundError, ValueError) as err:
+                raise UserError(str(err)) from None
+        prepared = load_or_prepare(params, data)
+        result = distill_student(params, prepared, teacher_model, checkpoint_path=checkpoint)
+        save_model(result.model, params.student.model, prepared, out, extra=result.summary)
+        test = evaluate_model(result.model, prepared, "test", device=params.runtime.device)
+        logger.info("student [%s]: val %.4f, test %.4f -> %s", params.method.name,
+                    result.summary["final_val_accuracy"], test["accuracy"], out)
+
+    run_cli(body)
+
+
+@app.command()
+def evaluate(model: Path = typer.Option(..., "--model"), data: Path = typer.Option(..., "--data"),
+             split: str = typer.Option("test"), teacher: Optional[Path] = typer.Option(None, "--teacher"),
+             out: Optional[Path] = typer.Option(None, "--out", help="write the report as JSON")) -> None:
+    """Accuracy, top-5, ECE, per-class accuracy and teacher agreement of a saved model."""
+    from gkd_core.data import DatasetError, load_prepared
+    from gkd_core.io import write_json
+    from gkd_core.runner import evaluate_model, load_model
+
+    def body() -> None:
+        try:
+            net, _ = load_model(model)
+            ref = load_model(teacher)[0] if teacher else None
+            prepared = load_prepared(data)
+        except (FileNotFoundError, ValueError, DatasetError) as err:
+            raise UserError(str(err)) from None
+        report = evaluate_model(net, prepared, split, teacher=ref)
+        if out:
+            write_json(out, report)
+        typer.echo(json.dumps({k: report[k] for k in ("accuracy", "top5", "ece", "agreement") if k in report}))
+
+    run_cli(body)
+
+
+@app.command()
+def schedules(params_path: Path = ParamsOpt, out: Path = typer.Option(Path("reports/schedules.png"), "--out"),
+              overrides: Optional[list[str]] = Overrides) -> None:
+    """Plot every schedule with the configured parameters (PNG)."""
+    from gkd_core.config import ConfigError, load_params
+    from gkd_core.schedules import build_schedule, plot_schedules
+
+    def body() -> None:
+        try:
+            params = load_params(params_path, parse_overrides(overrides))
+        except ConfigError as err:
+            raise UserError(str(err)) from None
+        curves = []
+        for name in ("kd", "linear", "cosine", "logistic", "gompertz"):
+            sname, kwargs = params.method.model_copy(update={"name": name}).schedule_params()
+            curves.append(build_schedule(sname, **kwargs))
+        plot_schedules(curves, str(out))
+        logger.info("wrote %s", out)
+
+    run_cli(body)
+
+
+if __name__ == "__main__":
+    app()
