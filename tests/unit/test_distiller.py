@@ -1,0 +1,334 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gkd_core.config import AKDParams, DynamicKDParams, LossesConfig, MethodConfig
+from gkd_core.distiller import (
+    DISTILLERS,
+    AKDDistiller,
+    Distiller,
+    DynamicKDDistiller,
+    build_distiller,
+)
+from gkd_core.losses import kd_loss
+from gkd_core.models import build_model
+from gkd_core.schedules import ConstantSchedule, GompertzSchedule, NoSchedule
+
+KEYS = {"ce", "kd", "wasserstein", "grad_match", "weight", "total", "logits"}
+SCALARS = ("ce", "kd", "wasserstein", "grad_match", "weight", "total")
+
+
+class TinyNet(nn.Module):
+    """Smallest model that follows the models contract (classifier ``fc`` over ``feature_dim`` features)."""
+
+    classifier_name = "fc"
+
+    def __init__(self, feature_dim: int = 8, num_classes: int = 5, in_features: int = 12) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, feature_dim), nn.Tanh())
+        self.feature_dim = feature_dim
+        self.fc = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-6):
+    # torch.testing.assert_close imports torch.distributed (>1 s); a plain allclose is enough here
+    assert a.shape == b.shape and torch.allclose(a, b, rtol=rtol, atol=atol), (a, b)
+
+
+def make(student_dim=8, teacher_dim=16, seed=0):
+    torch.manual_seed(seed)
+    student, teacher = TinyNet(student_dim), TinyNet(teacher_dim)
+    x = torch.randn(8, 3, 2, 2)
+    y = torch.randint(0, 5, (8,))
+    return student, teacher, x, y
+
+
+def cfg(kd=1.0, w=1.0, gm=1.0, variant="input", every=1, method="sliced", ce=1.0):
+    return LossesConfig(
+        ce_weight=ce, kd_weight=kd, wasserstein_weight=w, grad_match_weight=gm,
+        wasserstein={"method": method}, grad_match={"variant": variant, "every": every},
+    )
+
+
+def recompute_total(out, c: LossesConfig):
+    return c.ce_weight * out["ce"] + out["weight"] * (
+        c.kd_weight * out["kd"] + c.wasserstein_weight * out["wasserstein"] + c.grad_match_weight * out["grad_match"]
+    )
+
+
+def test_registry_is_a_plain_dict():
+    assert DISTILLERS == {"standard": Distiller, "dynamic_kd": DynamicKDDistiller, "akd": AKDDistiller}
+
+
+def test_output_keys_total_formula_and_weight():
+    student, teacher, x, y = make()
+    schedule = GompertzSchedule()
+    c = cfg()
+    d = Distiller(student, teacher, schedule, c)
+    out = d(x, y, progress=0.3, step=0)
+    assert set(out) == KEYS
+    for k in SCALARS:
+        assert out[k].dim() == 0 and out[k].dtype == torch.float32 and torch.isfinite(out[k]), k
+    assert out["logits"].shape == (8, 5)
+    assert out["weight"].item() == pytest.approx(schedule.weight(0.3))
+    assert all(out[k].item() > 0 for k in ("ce", "kd", "wasserstein", "grad_match"))
+    assert_close(out["total"], recompute_total(out, c))
+
+
+@pytest.mark.parametrize(
+    "terms",
+    [
+        dict(kd=1.0, w=0.0, gm=0.0),
+        dict(kd=0.0, w=1.0, gm=0.0),
+        dict(kd=0.0, w=1.0, gm=0.0, method="sinkhorn"),
+        dict(kd=0.0, w=0.0, gm=1.0, variant="input"),
+        dict(kd=0.0, w=0.0, gm=1.0, variant="logit"),
+        dict(kd=1.0, w=1.0, gm=1.0, variant="input"),
+    ],
+    ids=["kd", "sliced", "sinkhorn", "gm_input", "gm_logit", "all"],
+)
+def test_gradients_reach_student_and_projector_only(terms):
+    student, teacher, x, y = make()
+    # ce = 0: every student gradient below comes from the distillation term under test
+    d = Distiller(student, teacher, ConstantSchedule(a=1.0), cfg(ce=0.0, **terms))
+    d.train()
+    d(x, y, progress=0.5)["total"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    if terms["w"] > 0:
+        assert d.projector is not None and d.projector.linear.weight.grad.abs().sum() > 0
+    # body parameters always influence the term; fc's bias does not influence W (features precede fc)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.body.parameters())
+    assert {id(p) for p in d.trainable_parameters()}.isdisjoint(id(p) for p in teacher.parameters())
+
+
+def test_teacher_is_frozen_and_stays_in_eval():
+    student, teacher, x, y = make()
+    d = Distiller(student, teacher, ConstantSchedule(), cfg())
+    d.train()
+    assert d.training and student.training and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    d.eval()
+    d.train(True)
+    assert not teacher.training
+
+
+def test_projector_only_when_widths_differ_and_in_trainable_parameters():
+    student, teacher, *_ = make(student_dim=8, teacher_dim=16)
+    d = Distiller(student, teacher, ConstantSchedule(), cfg())
+    assert d.projector is not None and (d.projector.in_dim, d.projector.out_dim) == (8, 16)
+    ids = {id(p) for p in d.trainable_parameters()}
+    assert id(d.projector.linear.weight) in ids and all(id(p) in ids for p in student.parameters())
+    student, teacher, *_ = make(student_dim=16, teacher_dim=16)
+    assert Distiller(student, teacher, ConstantSchedule(), cfg()).projector is None
+    # no Wasserstein term, no projector even with different widths
+    student, teacher, *_ = make()
+    assert Distiller(student, teacher, ConstantSchedule(), cfg(w=0.0)).projector is None
+
+
+def _count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("no_teacher", [False, True], ids=["schedule_none", "teacher_none"])
+def test_method_none_never_calls_the_teacher(no_teacher):
+    student, teacher, x, y = make()
+    calls = _count_calls(teacher)
+    d = Distiller(student, None if no_teacher else teacher, NoSchedule(), cfg(), label_smoothing=0.1)
+    out = d(x, y, progress=0.5)
+    assert not calls
+    assert set(out) == KEYS
+    for k in ("kd", "wasserstein", "grad_match", "weight"):
+        assert out[k].item() == 0.0
+    expected_ce = F.cross_entropy(out["logits"], y, label_smoothing=0.1)
+    assert_close(out["ce"], expected_ce)
+    assert_close(out["total"], out["ce"])
+    assert d.projector is None
+
+
+def test_zero_weight_terms_are_skipped():
+    student, teacher, x, y = make()
+    d = Distiller(student, teacher, ConstantSchedule(), cfg(kd=0.0, w=0.0, gm=0.0))
+    out = d(x, y, progress=0.5)
+    assert out["kd"].item() == out["wasserstein"].item() == out["grad_match"].item() == 0.0
+    assert_close(out["total"], out["ce"])
+
+
+@pytest.mark.parametrize("variant", ["input", "logit"])
+def test_grad_match_every_two_steps(variant):
+    student, teacher, x, y = make()
+    d = Distiller(student, teacher, ConstantSchedule(), cfg(variant=variant, every=2))
+    values = [d(x, y, progress=0.5, step=s)["grad_match"].item() for s in range(4)]
+    assert values[0] > 0 and values[2] > 0
+    assert values[1] == 0.0 and values[3] == 0.0
+
+
+def test_input_gm_under_no_grad_reports_zero():
+    student, teacher, x, y = make()
+    d = Distiller(student, teacher, ConstantSchedule(), cfg())
+    with torch.no_grad():
+        out = d(x, y, progress=0.5)
+    assert out["grad_match"].item() == 0.0 and torch.isfinite(out["total"])
+
+
+def test_sliced_directions_depend_on_seed_and_step_only():
+    student, teacher, x, y = make()
+    c = cfg(kd=0.0, gm=0.0)
+    d1 = Distiller(student, teacher, ConstantSchedule(), c, seed=5)
+    d2 = Distiller(copy.deepcopy(student), copy.deepcopy(teacher), ConstantSchedule(), c, seed=5)
+    torch.manual_seed(123)  # the global RNG plays no part
+    a = d1(x, y, progress=0.5, step=7)["wasserstein"].item()
+    _ = d1(x, y, progress=0.5, step=8)
+    torch.manual_seed(999)
+    assert d2(x, y, progress=0.5, step=7)["wasserstein"].item() == a
+    assert d1(x, y, progress=0.5, step=7)["wasserstein"].item() == a
+    assert d1(x, y, progress=0.5, step=8)["wasserstein"].item() != a
+
+
+def test_param_groups_cover_trainable_parameters():
+    student, teacher, *_ = make()
+    d = Distiller(student, teacher, ConstantSchedule(), cfg())
+    groups = d.param_groups(0.1)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in d.trainable_parameters())
+    assert all(g["lr"] == 0.1 for g in groups)
+
+
+def test_registry_models_with_real_feature_hooks():
+    torch.manual_seed(0)
+    teacher = build_model("digits_cnn", num_classes=10, in_channels=1, width=1.0)
+    student = build_model("digits_cnn", num_classes=10, in_channels=1, width=0.5)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    d = Distiller(student, teacher, GompertzSchedule(), cfg(gm=0.0))
+    assert d.projector is not None and (d.projector.in_dim, d.projector.out_dim) == (32, 64)
+    d.train()
+    out = d(x, y, progress=0.9)
+    out["total"].backward()
+    assert torch.isfinite(out["total"]) and out["wasserstein"].item() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.features[0][0].weight.grad.abs().sum() > 0 and d.projector.linear.weight.grad.abs().sum() > 0
+    assert not teacher.training and teacher.features[0][1].running_mean.abs().sum() == 0  # BN stats untouched
+    d.remove_hooks()
+    assert not student.fc._forward_pre_hooks and not teacher.fc._forward_pre_hooks
+    assert d(x, y, progress=0.9)["wasserstein"].item() == 0.0
+
+
+# --- peers -------------------------------------------------------------------------------------------
+
+
+def test_dynamic_kd_controller_learns_from_kd_only():
+    student, teacher, x, y = make()
+    c = cfg(w=0.0, gm=0.0)
+    params = DynamicKDParams(a=0.7, controller_lr_scale=3.0)
+    d = DynamicKDDistiller(student, teacher, ConstantSchedule(a=0.7), c, params)
+    with torch.no_grad():
+        d.log_c.fill_(0.4)
+    out = d(x, y, progress=0.5)
+    assert torch.isfinite(out["total"])
+    assert out["entropy_scale"].item() == pytest.approx(torch.exp(torch.tensor(0.4)).item())
+    assert_close(out["total"], recompute_total(out, c))
+    out["total"].backward()
+    assert d.log_c.grad is not None and d.log_c.grad.abs().item() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+    # the controller's gradient is exactly that of w * kd_weight * KD w.r.t. log c (CE contributes nothing)
+    zs, zt = student(x).detach(), teacher(x).detach()
+    log_c = torch.tensor(0.4, requires_grad=True)
+    (ref_c,) = torch.autograd.grad(0.7 * kd_loss(log_c.exp() * zs, zt, c.temperature), log_c)
+    assert d.log_c.grad.item() == pytest.approx(ref_c.item(), rel=1e-5)
+
+    # the student's gradient is that of the same objective with c held constant (no path through the controller)
+    got = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    z = student(x)
+    c_const = torch.exp(torch.tensor(0.4)).item()
+    (F.cross_entropy(z, y) + 0.7 * kd_loss(c_const * z, zt, c.temperature)).backward()
+    for g, p in zip(got, student.parameters()):
+        assert_close(g, p.grad)
+
+    groups = {g["name"]: g for g in d.param_groups(0.1)}
+    assert groups["entropy_controller"]["lr"] == pytest.approx(0.3)
+    assert groups["entropy_controller"]["weight_decay"] == 0.0
+    assert groups["entropy_controller"]["params"] == [d.log_c]
+
+
+def test_akd_alpha_cam_and_gradients():
+    student, teacher, x, y = make()
+    c = cfg(w=0.0, gm=0.0)
+    d = AKDDistiller(student, teacher, ConstantSchedule(a=1.0), c, AKDParams(beta=2.0, cam_hidden=8))
+    out = d(x, y, progress=0.5)
+    assert {"alpha", "cam"} <= set(out) and torch.isfinite(out["total"])
+    zs, zt = student(x).detach(), teacher(x).detach()
+    gap = F.kl_div(zs.log_softmax(-1), zt.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert out["alpha"].item() == pytest.approx(1 - torch.exp(-2.0 * gap).item(), rel=1e-5)
+    assert 0.0 < out["alpha"].item() < 1.0 and not out["alpha"].requires_grad
+    # the CAM starts as the identity reweighting: KD~ equals plain KD
+    assert out["kd"].item() == pytest.approx(kd_loss(zs, zt, c.temperature).item(), rel=1e-5)
+    a = out["alpha"]
+    expected = a * out["ce"] + out["weight"] * (1 - a) * out["kd"] + out["cam"]
+    assert_close(out["total"], expected)
+
+    out["total"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert d.cam.mlp[2].weight.grad.abs().sum() > 0  # the zero-initialised layer learns
+    # the student's gradient does not depend on the CAM objective (KD's target is detached)
+    got = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    z = student(x)
+    (a * F.cross_entropy(z, y) + (1 - a) * kd_loss(z, zt, c.temperature)).backward()
+    for g, p in zip(got, student.parameters()):
+        assert_close(g, p.grad)
+    ids = {id(p) for p in d.trainable_parameters()}
+    assert all(id(p) in ids for p in d.cam.parameters())
+
+
+def test_akd_and_dynamic_kd_with_all_terms_are_finite():
+    for cls in (DynamicKDDistiller, AKDDistiller):
+        student, teacher, x, y = make()
+        d = cls(student, teacher, ConstantSchedule(), cfg())
+        d.train()
+        out = d(x, y, progress=0.2)
+        assert torch.isfinite(out["total"])
+        out["total"].backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        assert all(p.grad is not None for p in d.method_parameters())
+
+
+def test_build_distiller_picks_the_class_and_checks_the_teacher():
+    student, teacher, *_ = make()
+    losses = cfg()
+    expected = {"gompertz": Distiller, "kd": Distiller, "dynamic_kd": DynamicKDDistiller, "akd": AKDDistiller}
+    for name, cls in expected.items():
+        d = build_distiller(MethodConfig(name=name), losses, student, teacher, ConstantSchedule(), seed=1)
+        assert type(d) is cls
+    d = build_distiller(MethodConfig(name="none"), losses, student, None, NoSchedule())
+    assert type(d) is Distiller and d.teacher is None
+    for name in ("gompertz", "dynamic_kd", "akd"):
+        with pytest.raises(ValueError, match="teacher"):
+            build_distiller(MethodConfig(name=name), losses, student, None, ConstantSchedule())
+    d = build_distiller(MethodConfig(name="dynamic_kd", dynamic_kd={"controller_lr_scale": 2.0}), losses, student,
+                        teacher, ConstantSchedule())
+    assert d.param_groups(1.0)[-1]["lr"] == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_compiled_student_with_input_grad_matching():
+    # compiled graphs refuse double backward; the distiller runs the student eagerly on GM steps only
+    student, teacher, x, y = make()
+    student.compile(backend="aot_eager")
+    d = Distiller(student, teacher, ConstantSchedule(), cfg(every=2))
+    d.train()
+    for step in (0, 1):
+        out = d(x, y, progress=0.5, step=step)
+        out["total"].backward()
+        assert torch.isfinite(out["total"]) and out["wasserstein"].item() > 0
+        assert (out["grad_match"].item() > 0) == (step == 0)
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
