@@ -299,7 +299,8 @@ def fit(
             for key in ("entropy_scale", "alpha"):  # method-specific scalars, last value of the epoch
                 if key in out:
                     row[key] = float(out[key].detach().float())
-            if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            has_val = val_loader is not None and len(val_loader) > 0
+            if has_val and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 ev = evaluate(student, val_loader, device, amp=amp, channels_last=channels_last)
                 row["val_accuracy"], row["val_loss"] = ev["accuracy"], ev["loss"]
             row["seconds"] = epoch_seconds

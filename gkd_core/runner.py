@@ -61,7 +61,7 @@ def _train(
     )
     fingerprint = config_fingerprint(
         desc, net_cfg.model_dump(), method.model_dump(), params.losses.model_dump(), params.seed,
-        data.meta.get("hash"),
+        data.meta.get("sha256"),
     )
     result = fit(
         distiller, train_loader, val_loader, net_cfg.train, device=device,
@@ -69,6 +69,7 @@ def _train(
         fingerprint=fingerprint, callbacks=callbacks, amp=rt.amp, channels_last=use_cl, compile=rt.compile,
         progress_bar=rt.progress_bar, desc=desc, stop_after_epochs=stop_after_epochs,
     )
+    distiller.remove_hooks()  # the returned network is plain: no feature hooks left for export/serving
     student = distiller.student.to("cpu").eval()
     if use_cl:
         student = student.to(memory_format=torch.contiguous_format)
