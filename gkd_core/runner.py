@@ -16,7 +16,7 @@ from torch import nn
 
 from gkd_core.config import MethodConfig, ModelConfig, NetConfig, Params
 from gkd_core.data import PreparedData, make_loaders
-from gkd_core.distiller import build_distiller
+from gkd_core.distiller import build_distiller, compute_teacher_cache
 from gkd_core.engine import Callback, config_fingerprint, fit, predict, resolve_device, seed_everything
 from gkd_core.io import torch_save
 from gkd_core.metrics import classification_report
@@ -56,9 +56,20 @@ def _train(
     distiller = build_distiller(method, params.losses, student, teacher, schedule,
                                 label_smoothing=net_cfg.train.label_smoothing, seed=params.seed)
     use_cl = rt.channels_last and device.type == "cuda"
+    # validated in config: cache_teacher comes with augmentation off and no input-gradient matching
+    cache = rt.cache_teacher and teacher is not None and distiller.distill
     train_loader, val_loader, _ = make_loaders(
         data, net_cfg.train, rt.loader, device, seed=params.seed, num_workers=rt.num_workers, channels_last=use_cl,
+        with_index=cache,
     )
+    if cache:
+        assert teacher is not None
+        if use_cl:
+            teacher.to(memory_format=torch.channels_last)
+        distiller.attach_teacher_cache(compute_teacher_cache(
+            teacher, data.train_x, data.mean, data.std, device, amp=rt.amp, channels_last=use_cl,
+            features=distiller.use_wasserstein,
+        ))
     fingerprint = config_fingerprint(
         desc, net_cfg.model_dump(), method.model_dump(), params.losses.model_dump(), params.seed,
         data.meta.get("sha256"),
@@ -70,9 +81,12 @@ def _train(
         progress_bar=rt.progress_bar, desc=desc, stop_after_epochs=stop_after_epochs,
     )
     distiller.remove_hooks()  # the returned network is plain: no feature hooks left for export/serving
+    distiller.attach_teacher_cache(None)
     student = distiller.student.to("cpu").eval()
     if use_cl:
         student = student.to(memory_format=torch.contiguous_format)
+        if teacher is not None:
+            teacher.to(memory_format=torch.contiguous_format)  # the caller's module, as it was handed in
     summary = {
         "best_val_accuracy": result.best_val_accuracy,
         "final_val_accuracy": result.final_val_accuracy,
@@ -178,6 +192,8 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str = "test", te
 
 def normalise_images(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 NCHW -> float32 normalised exactly as the loaders do (for export examples and serving)."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x_uint8.float() / 255.0 - m) / s
+    from gkd_core.data import normalise
+
+    shape = (1, -1, 1, 1)
+    return normalise(x_uint8, torch.as_tensor(mean, dtype=torch.float32).reshape(shape),
+                     torch.as_tensor(std, dtype=torch.float32).reshape(shape))
