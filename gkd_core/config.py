@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATASET_NAMES = ("digits", "fashion_mnist", "cifar10", "cifar100", "image_folder")
-METHOD_NAMES = ("none", "kd", "linear", "cosine", "logistic", "gompertz", "dynamic_kd", "akd")
+METHOD_NAMES = ("none", "kd", "linear", "cosine", "logistic", "gompertz", "dynamic_kd", "akd", "ces_kd")
 
 
 class ConfigError(ValueError):
@@ -145,6 +145,17 @@ class AKDParams(Strict):
     cam_hidden: int = Field(64, ge=4, le=4096)
 
 
+class CESKDParams(Strict):
+    """CES-KD: per-image expert from a ladder of teacher assistants (smallest first) + the teacher."""
+
+    a: float = Field(1.0, ge=0.0, le=100.0, description="constant distillation weight")
+    assistants: list["ModelConfig"] = Field(
+        default_factory=lambda: [ModelConfig(name="digits_cnn", width=1.0)],
+        min_length=1, max_length=8, description="teacher assistants, smallest first (trained with CE first)",
+    )
+    pace: float = Field(0.5, gt=0.0, le=1.0, description="fraction of training by which the whole ladder is open")
+
+
 class MethodConfig(Strict):
     name: Literal[METHOD_NAMES] = "gompertz"  # type: ignore[valid-type]
     progress: Literal["step", "epoch"] = Field("step", description="granularity of training progress p")
@@ -155,6 +166,7 @@ class MethodConfig(Strict):
     gompertz: GompertzParams = Field(default_factory=GompertzParams)
     dynamic_kd: DynamicKDParams = Field(default_factory=DynamicKDParams)
     akd: AKDParams = Field(default_factory=AKDParams)
+    ces_kd: CESKDParams = Field(default_factory=CESKDParams)
 
     def schedule_params(self) -> tuple[str, dict[str, Any]]:
         """(schedule registry name, its parameters) for the selected method."""
@@ -164,6 +176,8 @@ class MethodConfig(Strict):
             return "kd", {"a": self.dynamic_kd.a}
         if self.name == "akd":
             return "kd", {"a": 1.0}
+        if self.name == "ces_kd":
+            return "kd", {"a": self.ces_kd.a}
         return self.name, getattr(self, self.name).model_dump()
 
 
@@ -199,6 +213,11 @@ class RuntimeConfig(Strict):
         "auto", description="device: whole split resident on the device; torch: DataLoader; auto: device if it fits"
     )
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers (loader=torch)")
+    cache_teacher: bool = Field(
+        False,
+        description="distillation: run the teacher once over the training split and reuse its logits and "
+        "features every epoch (needs student.train.augment off; not with input-gradient matching)",
+    )
     deterministic: bool = Field(True, description="deterministic algorithms on CPU")
     progress_bar: bool = True
 
@@ -238,6 +257,27 @@ class Params(Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
 
+    @model_validator(mode="after")
+    def _teacher_cache_is_possible(self) -> "Params":
+        if not self.runtime.cache_teacher:
+            return self
+        problems = []
+        gm = self.losses.grad_match
+        if self.losses.grad_match_weight > 0 and gm.variant == "input":
+            problems.append(
+                "losses.grad_match.variant = 'input' with grad_match_weight > 0 needs the teacher's input "
+                "gradient on every matched step, which cannot be cached (use variant 'logit' or weight 0)"
+            )
+        tr = self.student.train
+        if tr.augment and (tr.crop_padding > 0 or tr.hflip):
+            problems.append(
+                "student.train.augment = true: cached teacher outputs are per image, not per augmented view "
+                "(set student.train.augment: false)"
+            )
+        if problems:
+            raise ValueError("runtime.cache_teacher = true is refused: " + "; ".join(problems))
+        return self
+
 
 def format_validation_error(err: ValidationError, source: str = "params") -> list[str]:
     """One line per error: ``source: field.path = value: message``."""
@@ -251,6 +291,8 @@ def format_validation_error(err: ValidationError, source: str = "params") -> lis
             lines.append(f"{source}: {loc}: unknown key (not allowed here; check the spelling)")
         elif e["type"] == "missing":
             lines.append(f"{source}: {loc}: required field is missing")
+        elif not e["loc"]:  # a check across sections (the message names the fields)
+            lines.append(f"{source}: {msg}")
         else:
             value = e.get("input")
             shown = repr(value) if not isinstance(value, dict) else "{...}"

@@ -18,8 +18,14 @@ gradient can be taken (its parameters still get none). On those steps a ``torch.
 eagerly (``torch.compiler.set_stance("force_eager")``), because compiled graphs do not support the double
 backward; the other steps use the compiled graph.
 
+Cached teacher (``runtime.cache_teacher``, augmentation off): :func:`compute_teacher_cache` runs the teacher
+once over the training split (batched, ``inference_mode``, bf16 autocast on CUDA) and keeps its logits and
+penultimate features on the device; after :meth:`Distiller.attach_teacher_cache`, ``forward(..., index=idx)``
+(the training loader's sample indices) reads them instead of calling the teacher. Input-gradient matching
+needs the teacher's input gradient and refuses a cache.
+
 Peers (our readings of papers without public code; see each class): :class:`DynamicKDDistiller`,
-:class:`AKDDistiller`. ``DISTILLERS`` maps names to classes; :func:`build_distiller` picks one from the
+:class:`AKDDistiller`, :class:`CESKDDistiller`. ``DISTILLERS`` maps names to classes; :func:`build_distiller` picks one from the
 method config.
 """
 
@@ -29,13 +35,15 @@ import contextlib
 import logging
 import math
 import sys
-from typing import Any, Callable, Iterator, Optional
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkd_core.config import AKDParams, DynamicKDParams, LossesConfig, MethodConfig
+from gkd_core.config import AKDParams, CESKDParams, DynamicKDParams, LossesConfig, MethodConfig
 from gkd_core.losses import (
     FeatureProjector,
     input_gradient_matching,
@@ -48,7 +56,11 @@ from gkd_core.schedules import Schedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Distiller", "DynamicKDDistiller", "AKDDistiller", "ContextAwareModule", "DISTILLERS", "build_distiller"]
+__all__ = [
+    "Distiller", "DynamicKDDistiller", "AKDDistiller", "CESKDDistiller", "ContextAwareModule", "DISTILLERS",
+    "build_distiller", "expert_index",
+    "TeacherCache", "compute_teacher_cache",
+]
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant: spreads (seed, step) over the seed space
 
@@ -73,6 +85,78 @@ def _seeded_generator(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(int(seed))
     return g
+
+
+@dataclass
+class TeacherCache:
+    """The frozen teacher's outputs on the (unaugmented) training split, row ``i`` = training image ``i``.
+
+    ``logits`` ``(N, C)`` and ``features`` ``(N, D)`` (penultimate, or None when not needed) on the training
+    device, in the dtype the teacher produced them (bf16 under CUDA autocast: exactly what an online teacher
+    forward would hand the losses).
+    """
+
+    logits: Tensor
+    features: Optional[Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.logits, self.features) if t is not None)
+
+
+def compute_teacher_cache(
+    teacher: nn.Module,
+    x_uint8: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    device: torch.device | str,
+    *,
+    batch_size: int = 512,
+    amp: bool = True,
+    channels_last: bool = False,
+    features: bool = True,
+) -> TeacherCache:
+    """Run ``teacher`` once over uint8 NCHW images ``x_uint8`` (normalised exactly as the loaders do, no
+    augmentation), in batches of ``batch_size`` under ``torch.inference_mode`` (bf16 autocast on CUDA when
+    ``amp``); keep logits and, with ``features``, the penultimate features on ``device``.
+
+    The images may live on the host or on ``device``; only one batch at a time is moved. The teacher is put in
+    eval mode and must already be on ``device``.
+    """
+    from gkd_core.data import normalise  # local: data is a sibling layer; keep this module's imports light
+
+    device = torch.device(device)
+    if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
+        raise ValueError(f"x_uint8 must be a uint8 NCHW tensor, got {x_uint8.dtype} {tuple(x_uint8.shape)}")
+    c = x_uint8.shape[1]
+    m = torch.as_tensor(mean, dtype=torch.float32).reshape(1, c, 1, 1).to(device)
+    s = torch.as_tensor(std, dtype=torch.float32).reshape(1, c, 1, 1).to(device)
+    teacher.eval()
+    hook = FeatureHook(teacher) if features else None
+    logits, feats = [], []
+    t0 = time.perf_counter()
+    try:
+        for lo in range(0, x_uint8.shape[0], batch_size):
+            xb = normalise(x_uint8[lo : lo + batch_size].to(device, non_blocking=True), m, s)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                        enabled=amp and device.type == "cuda"):
+                logits.append(teacher(xb))
+                if hook is not None:
+                    assert hook.features is not None
+                    feats.append(hook.features.flatten(1))
+    finally:
+        if hook is not None:
+            hook.remove()
+    # cat outside inference mode: the cache rows are ordinary tensors (the KD backward may save them)
+    cache = TeacherCache(torch.cat(logits), torch.cat(feats) if feats else None)
+    logger.info("teacher cache: %d images, %.1f MB on %s in %.1f s", len(cache), cache.nbytes / 2**20, device,
+                time.perf_counter() - t0)
+    return cache
 
 
 class Distiller(nn.Module):
@@ -121,6 +205,7 @@ class Distiller(nn.Module):
         self.use_grad_match = self.distill and cfg.grad_match_weight > 0
 
         self.projector: Optional[FeatureProjector] = None
+        self._teacher_cache: Optional[TeacherCache] = None  # not a buffer: never checkpointed
         self._student_hook: Optional[FeatureHook] = None
         self._teacher_hook: Optional[FeatureHook] = None
         if self.use_wasserstein:
@@ -160,6 +245,26 @@ class Distiller(nn.Module):
         self._student_hook = self._teacher_hook = None
         self.use_wasserstein = False
 
+    def attach_teacher_cache(self, cache: Optional[TeacherCache]) -> None:
+        """Use precomputed teacher outputs (see :func:`compute_teacher_cache`) whenever ``forward`` gets
+        ``index``; ``None`` detaches. Refused with input-gradient matching (the teacher's input gradient
+        cannot be cached) and when the Wasserstein term is on but the cache has no features."""
+        if cache is not None:
+            if not self.distill:
+                raise ValueError("a teacher cache needs a teacher and an enabled schedule (nothing to distil)")
+            if self.use_grad_match and self.losses_cfg.grad_match.variant == "input":
+                raise ValueError(
+                    "cannot cache the teacher with input-gradient matching: it needs the teacher's input "
+                    "gradient on every matched step (use grad_match.variant 'logit' or grad_match_weight 0)"
+                )
+            if self.use_wasserstein and cache.features is None:
+                raise ValueError("the Wasserstein term needs teacher features: compute the cache with features=True")
+        self._teacher_cache = cache
+
+    @property
+    def teacher_cache(self) -> Optional[TeacherCache]:
+        return self._teacher_cache
+
     def method_parameters(self) -> Iterator[nn.Parameter]:
         """Learnable parameters that belong to the method itself (none for the standard objective)."""
         return iter(())
@@ -188,7 +293,11 @@ class Distiller(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, y: Tensor, progress: float, step: int = 0) -> dict[str, Tensor]:
+    def forward(
+        self, x: Tensor, y: Tensor, progress: float, step: int = 0, index: Optional[Tensor] = None
+    ) -> dict[str, Tensor]:
+        """The objective on one batch. ``index`` (the batch's training-split row numbers) lets an attached
+        teacher cache replace the teacher forward; without a cache it is ignored."""
         cfg = self.losses_cfg
         w = float(self.schedule.weight(progress))
         device = x.device
@@ -208,7 +317,14 @@ class Distiller(nn.Module):
         t_logits: Optional[Tensor] = None
         if self.distill:
             assert self.teacher is not None
-            if input_gm:
+            cache = self._teacher_cache if index is not None and not input_gm else None
+            ft: Optional[Tensor] = None
+            if cache is not None:
+                assert index is not None
+                t_logits = cache.logits.index_select(0, index)
+                if self.use_wasserstein and cache.features is not None:
+                    ft = cache.features.index_select(0, index)
+            elif input_gm:
                 with torch.enable_grad():
                     t_logits = self.teacher(x_in)
             else:
@@ -216,7 +332,9 @@ class Distiller(nn.Module):
                     t_logits = self.teacher(x)
             if self.use_wasserstein:
                 assert self._student_hook is not None and self._teacher_hook is not None
-                fs, ft = self._student_hook.features, self._teacher_hook.features
+                fs = self._student_hook.features
+                if ft is None:
+                    ft = self._teacher_hook.features
                 assert fs is not None and ft is not None
                 fs, ft = fs.flatten(1), ft.detach().flatten(1)
                 if self.projector is not None:
@@ -433,10 +551,105 @@ class AKDDistiller(Distiller):
         return {"kd": kd, "total": total, "alpha": alpha, "cam": cam_ce}
 
 
+# --- CES-KD --------------------------------------------------------------------------------------
+# CES-KD: curriculum-based expert selection (Amara et al., arXiv 2209.07606), as we read it.
+#
+# The paper publishes no code; what it says: a ladder of teacher assistants (TAs) of decreasing capacity, and
+# *one teacher per input image* chosen by how hard the image is, on the hypothesis that a student learns easy
+# images better from a low-capacity teacher and hard ones from a high-capacity one, taught gradually.
+#
+# Our reading, fully vectorised (no per-sample Python):
+#
+# - The ladder is ``assistants`` (smallest first) followed by the main teacher: K experts in all.
+# - Difficulty of each image = the main teacher's cross-entropy on it (detached); its rank within the batch
+#   gives ``r`` in [0, 1) (0 = easiest).
+# - Curriculum pacing: at progress p the top of the ladder that is open is
+#   ``u(p) = min(1, 1/K + (1 - 1/K) * p / pace)``: at the start every image learns from the smallest assistant;
+#   by ``p = pace`` the whole ladder is open and images spread over it by difficulty.
+# - Expert of an image: ``k = min(K - 1, floor(r * u(p) * K))``; its logits replace the teacher's in the KD
+#   term. Wasserstein and gradient matching keep using the main teacher (its features and input gradient).
+# - The weight w(p) is constant (``method.ces_kd.a``). Logged: ``expert_level``, the batch's mean k / (K - 1).
+#
+# Cost: one extra frozen forward per assistant per step (no grad).
+
+
+def expert_index(difficulty: Tensor, progress: float, n_experts: int, pace: float) -> Tensor:
+    """Per-sample expert index in ``[0, n_experts)``: harder images (higher ``difficulty``) get larger
+    experts, and the ladder opens from the smallest expert to all of them by ``progress == pace``."""
+    b = difficulty.shape[0]
+    rank = difficulty.argsort().argsort().to(torch.float32) / max(b, 1)  # 0 = easiest
+    top = min(1.0, 1.0 / n_experts + (1.0 - 1.0 / n_experts) * progress / pace)
+    return (rank * top * n_experts).floor().long().clamp_(max=n_experts - 1)
+
+
+class CESKDDistiller(Distiller):
+    """Per-image expert selection over ``assistants + [teacher]`` for the KD term (see module docstring)."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: Optional[nn.Module],
+        schedule: Schedule,
+        losses_cfg: Optional[LossesConfig] = None,
+        params: Optional[CESKDParams] = None,
+        assistants: Sequence[nn.Module] = (),
+        *,
+        label_smoothing: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(student, teacher, schedule, losses_cfg, label_smoothing=label_smoothing, seed=seed)
+        self.params = params if params is not None else CESKDParams()
+        if self.distill and not assistants:
+            raise ValueError("CES-KD needs at least one teacher assistant (method.ces_kd.assistants)")
+        self.assistants = nn.ModuleList(assistants)
+        for a in self.assistants:
+            a.eval()
+            for p in a.parameters():
+                p.requires_grad_(False)
+        # (progress, assistant logits (K-1, B, C)) of the call in flight; None when KD is off
+        self._call: Optional[tuple[float, Tensor]] = None
+
+    def train(self, mode: bool = True) -> "CESKDDistiller":
+        super().train(mode)
+        for a in self.assistants:
+            a.eval()
+        return self
+
+    def forward(self, x: Tensor, y: Tensor, progress: float, step: int = 0,
+                index: Optional[Tensor] = None) -> dict[str, Tensor]:
+        if self.use_kd:
+            with torch.no_grad():
+                self._call = (progress, torch.stack([a(x) for a in self.assistants]))
+        try:
+            return super().forward(x, y, progress, step, index)
+        finally:
+            self._call = None
+
+    def _objective(self, parts: dict[str, Tensor], s_logits: Tensor, t_logits: Optional[Tensor], y: Tensor,
+                   w: float) -> dict[str, Tensor]:
+        if self._call is None or t_logits is None:  # no KD term: the standard objective
+            return super()._objective(parts, s_logits, t_logits, y, w)
+        progress, assistant_logits = self._call
+        cfg = self.losses_cfg
+        experts = torch.cat([assistant_logits.to(t_logits.dtype), t_logits.unsqueeze(0)])  # (K, B, C)
+        with torch.autocast(device_type=s_logits.device.type, enabled=False):
+            difficulty = nn.functional.cross_entropy(t_logits.float(), y, reduction="none")
+        k = expert_index(difficulty, progress, experts.shape[0], self.params.pace)
+        chosen = experts[k, torch.arange(k.shape[0], device=k.device)]
+        kd = kd_loss(s_logits, chosen, cfg.temperature)
+        total = cfg.ce_weight * parts["ce"] + w * (
+            cfg.kd_weight * kd + cfg.wasserstein_weight * parts["wasserstein"]
+            + cfg.grad_match_weight * parts["grad_match"]
+        )
+        level = k.float().mean() / max(experts.shape[0] - 1, 1)
+        return {"kd": kd, "total": total, "expert_level": level.detach()}
+
+
 DISTILLERS: dict[str, Callable[..., Distiller]] = {
     "standard": Distiller,
     "dynamic_kd": DynamicKDDistiller,
     "akd": AKDDistiller,
+    "ces_kd": CESKDDistiller,
 }
 
 
@@ -449,9 +662,16 @@ def build_distiller(
     *,
     label_smoothing: float = 0.0,
     seed: int = 0,
+    assistants: Sequence[nn.Module] = (),
 ) -> Distiller:
-    """The distiller for ``method_cfg.name``: the peers by name, every schedule-based method as ``standard``."""
+    """The distiller for ``method_cfg.name``: the peers by name, every schedule-based method as ``standard``.
+    ``assistants`` (trained, smallest first) are CES-KD's teacher-assistant ladder."""
     name = method_cfg.name
+    if name == "ces_kd":
+        if teacher is None:
+            raise ValueError("method 'ces_kd' needs a teacher")
+        return CESKDDistiller(student, teacher, schedule, losses_cfg, method_cfg.ces_kd, assistants,
+                              label_smoothing=label_smoothing, seed=seed)
     if name in ("dynamic_kd", "akd"):
         if teacher is None:
             raise ValueError(f"method {name!r} needs a teacher")

@@ -6,6 +6,12 @@ terms are accumulated on the device and read once per epoch (plus a cheap finite
 ``guard_every`` steps), so on a GPU the hot loop does not wait on the host.
 
 A teacher is trained with a Distiller whose teacher is None (method ``none``): one loop for both.
+
+The fast path on CUDA (see docs/performance.md): batches come from a ``DeviceLoader`` (whole split resident
+as uint8, batched augmentation), the step runs under bf16 autocast, student and teacher are channels_last,
+the optimizer is the fused kernel, ``compile=True`` compiles the student and the (frozen) teacher, and the
+only host reads are the per-epoch metric sums and the finiteness flag. A loader built ``with_index=True``
+yields ``(x, y, idx)``; ``idx`` is passed on as ``distiller(..., index=idx)`` for a cached teacher.
 """
 
 from __future__ import annotations
@@ -216,8 +222,12 @@ def fit(
 
     distiller.to(device)
     student = distiller.student
+    teacher = getattr(distiller, "teacher", None)
     if channels_last:
+        # the teacher too: a conv whose weight and input formats differ converts the weight on every call
         student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(_param_groups(distiller, cfg), cfg, device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -251,6 +261,10 @@ def fit(
 
     if compile:
         student.compile()
+        # the teacher's forward is most of a KD step's launches; compile it unless a cache replaces it
+        cached = getattr(distiller, "teacher_cache", None) is not None
+        if teacher is not None and getattr(distiller, "distill", True) and not cached:
+            teacher.compile()
 
     use_amp = amp and device.type == "cuda"
     bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=desc, disable=not progress_bar,
@@ -266,14 +280,16 @@ def fit(
             seen = 0  # host-side: batch sizes are shape metadata, reading them costs no sync
             bad = torch.zeros((), dtype=torch.bool, device=device)
             t0 = time.perf_counter()
-            for i, (x, y) in enumerate(train_loader):
+            for i, batch in enumerate(train_loader):
                 step = epoch * steps_per_epoch + i
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                # a loader built with_index=True adds the batch's row numbers (for a cached teacher)
+                extra = {"index": batch[2].to(device, non_blocking=True)} if len(batch) > 2 else {}
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 p = progress_at(step, epoch, total_steps, cfg.epochs, progress_granularity)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    out = distiller(x, y, progress=p, step=step)
+                    out = distiller(x, y, progress=p, step=step, **extra)
                 optimizer.zero_grad(set_to_none=True)
                 out["total"].backward()
                 optimizer.step()
@@ -296,7 +312,7 @@ def fit(
             row: dict[str, float] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
             row.update({f"train_{k}" if k != "weight" else "weight": v / seen for k, v in zip(TERMS, totals)})
             row["train_accuracy"] = totals[len(TERMS)] / seen
-            for key in ("entropy_scale", "alpha"):  # method-specific scalars, last value of the epoch
+            for key in ("entropy_scale", "alpha", "expert_level"):  # method-specific scalars, last value of the epoch
                 if key in out:
                     row[key] = float(out[key].detach().float())
             has_val = val_loader is not None and len(val_loader) > 0

@@ -43,7 +43,7 @@ def build_net(model_cfg: ModelConfig, data: PreparedData) -> nn.Module:
 def _train(
     params: Params, data: PreparedData, net_cfg: NetConfig, method: MethodConfig, teacher: Optional[nn.Module],
     checkpoint_path: str | Path | None, callbacks: Sequence[Callback], resume: bool, desc: str,
-    stop_after_epochs: Optional[int] = None,
+    stop_after_epochs: Optional[int] = None, assistants: Sequence[nn.Module] = (),
 ) -> RunResult:
     rt = params.runtime
     device = resolve_device(rt.device)
@@ -54,7 +54,8 @@ def _train(
     if teacher is not None:
         teacher = teacher.to(device)
     distiller = build_distiller(method, params.losses, student, teacher, schedule,
-                                label_smoothing=net_cfg.train.label_smoothing, seed=params.seed)
+                                label_smoothing=net_cfg.train.label_smoothing, seed=params.seed,
+                                assistants=[a.to(device) for a in assistants])
     use_cl = rt.channels_last and device.type == "cuda"
     # validated in config: cache_teacher comes with augmentation off and no input-gradient matching
     cache = rt.cache_teacher and teacher is not None and distiller.distill
@@ -119,8 +120,22 @@ def distill_student(
     method = method or params.method
     if method.name != "none" and teacher is None:
         raise ValueError(f"method {method.name!r} needs a teacher model")
+    assistants = train_assistants(params, data, method) if method.name == "ces_kd" else []
     return _train(params, data, params.student, method, teacher if method.name != "none" else None,
-                  checkpoint_path, callbacks, resume, f"student[{method.name}]", stop_after_epochs)
+                  checkpoint_path, callbacks, resume, f"student[{method.name}]", stop_after_epochs,
+                  assistants=assistants)
+
+
+def train_assistants(params: Params, data: PreparedData, method: MethodConfig) -> list[nn.Module]:
+    """CES-KD's teacher-assistant ladder: each assistant trained alone (CE) on the student's budget."""
+    ladder = []
+    for i, model_cfg in enumerate(method.ces_kd.assistants):
+        net = NetConfig(model=model_cfg, train=params.student.train)
+        result = _train(params, data, net, MethodConfig(name="none"), None, None, (), False, f"assistant[{i}]")
+        logger.info("assistant %d (%s x%.2g): val %.4f", i, model_cfg.name, model_cfg.width,
+                    result.summary["final_val_accuracy"])
+        ladder.append(result.model)
+    return ladder
 
 
 def save_model(model: nn.Module, model_cfg: ModelConfig, data: PreparedData, path: str | Path,

@@ -9,9 +9,11 @@ from gkd_core.config import AKDParams, DynamicKDParams, LossesConfig, MethodConf
 from gkd_core.distiller import (
     DISTILLERS,
     AKDDistiller,
+    CESKDDistiller,
     Distiller,
     DynamicKDDistiller,
     build_distiller,
+    expert_index,
 )
 from gkd_core.losses import kd_loss
 from gkd_core.models import build_model
@@ -63,7 +65,8 @@ def recompute_total(out, c: LossesConfig):
 
 
 def test_registry_is_a_plain_dict():
-    assert DISTILLERS == {"standard": Distiller, "dynamic_kd": DynamicKDDistiller, "akd": AKDDistiller}
+    assert DISTILLERS == {"standard": Distiller, "dynamic_kd": DynamicKDDistiller, "akd": AKDDistiller,
+                          "ces_kd": CESKDDistiller}
 
 
 def test_output_keys_total_formula_and_weight():
@@ -332,3 +335,49 @@ def test_compiled_student_with_input_grad_matching():
         assert (out["grad_match"].item() > 0) == (step == 0)
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+# --- CES-KD ------------------------------------------------------------------------------------------
+
+
+def test_ceskd_expert_index_curriculum():
+    difficulty = torch.tensor([0.1, 3.0, 0.5, 2.0, 1.0, 0.2, 4.0, 0.3])
+    start = expert_index(difficulty, 0.0, n_experts=3, pace=0.5)
+    assert start.tolist() == [0] * 8  # at the start everyone learns from the smallest assistant
+    end = expert_index(difficulty, 0.5, n_experts=3, pace=0.5)
+    order = difficulty.argsort()
+    assert end[order].tolist() == sorted(end.tolist())  # harder images never get a smaller expert
+    assert end[order].tolist() == [0, 0, 0, 1, 1, 1, 2, 2]  # the whole ladder is used, by difficulty
+    mid = expert_index(difficulty, 0.25, n_experts=3, pace=0.5)
+    assert mid.max() == 1 and (mid <= end).all()
+
+
+def test_ceskd_distiller_uses_assistants_and_trains_student_only():
+    torch.manual_seed(0)
+    student = build_model("digits_cnn", 10, 1, width=0.5)
+    teacher = build_model("digits_cnn", 10, 1, width=2.0)
+    assistant = build_model("digits_cnn", 10, 1, width=1.0)
+    calls = []
+    assistant.register_forward_hook(lambda *a: calls.append(1))
+    d = build_distiller(MethodConfig(name="ces_kd"), LossesConfig(wasserstein_weight=0.0, grad_match_weight=0.0),
+                        student, teacher, ConstantSchedule(a=1.0), assistants=[assistant])
+    d.train()
+    assert not assistant.training and not teacher.training
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    out = d(x, y, progress=0.0)
+    # at p = 0 every image learns from the assistant: KD equals KD against the assistant alone
+    with torch.no_grad():
+        expected = kd_loss(out["logits"], assistant(x), 4.0)
+    assert torch.allclose(out["kd"], expected, atol=1e-6) and calls
+    assert float(out["expert_level"]) == 0.0
+    out["total"].backward()
+    assert all(p.grad is None for p in list(teacher.parameters()) + list(assistant.parameters()))
+    assert any(p.grad is not None for p in student.parameters())
+    late = d(x, y, progress=1.0)
+    assert 0.0 < float(late["expert_level"]) <= 1.0
+
+
+def test_ceskd_without_assistants_is_refused():
+    with pytest.raises(ValueError, match="assistant"):
+        build_distiller(MethodConfig(name="ces_kd"), LossesConfig(), build_model("digits_cnn", 10, 1),
+                        build_model("digits_cnn", 10, 1), ConstantSchedule())
