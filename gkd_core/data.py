@@ -18,6 +18,8 @@ seeded by ``(seed, epoch)`` (:func:`epoch_plan`), so the epoch-k batches are a f
 identical for :class:`DeviceLoader` and :class:`TorchLoader`, on CPU and on CUDA. Augmentation (training
 split only): ``x -> crop(pad_reflect(flip(x)))``, i.e. a random horizontal flip with probability 1/2, then
 a random ``H x W`` crop of the image reflect-padded by ``crop_padding`` on each side.
+With ``with_index=True`` a training loader yields ``(x, y, idx)``: ``idx`` (int64, on the target device) are
+the batch's row numbers in the split, which a cached teacher (:mod:`gkd_core.distiller`) looks up.
 """
 
 from __future__ import annotations
@@ -855,7 +857,8 @@ class DeviceLoader(_EpochState):
     gather on the uint8 batch, which equals doing it after normalising: it only moves values), normalise.
 
     Epoch k (the counter advances when iteration starts; see :meth:`set_epoch`, :meth:`state_dict`) uses
-    :func:`epoch_plan` ``(seed, k)``. ``len()`` is the number of batches.
+    :func:`epoch_plan` ``(seed, k)``. ``len()`` is the number of batches. ``with_index`` adds the batch's row
+    numbers as a third element.
     """
 
     def __init__(
@@ -874,9 +877,11 @@ class DeviceLoader(_EpochState):
         seed: Union[int, torch.Generator] = 0,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
+        with_index: bool = False,
     ):
         _check_split(x_uint8, y, batch_size, augment, crop_padding)
         self.device = torch.device(device)
+        self.with_index = bool(with_index)
         self.x = x_uint8.to(self.device)
         self.y = y.to(self.device, torch.int64)
         c = x_uint8.shape[1]
@@ -901,7 +906,7 @@ class DeviceLoader(_EpochState):
         n, b = self.num_samples, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         epoch = self.epoch
         self.epoch += 1
         n = self.num_samples
@@ -913,7 +918,7 @@ class DeviceLoader(_EpochState):
 
     def _batches(
         self, order: torch.Tensor, flips: Optional[torch.Tensor], offsets: Optional[torch.Tensor]
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = order[sl]
@@ -930,19 +935,20 @@ class DeviceLoader(_EpochState):
                 xb = xb.to(self.dtype)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, self.y.index_select(0, idx)
+            yb = self.y.index_select(0, idx)
+            yield (xb, yb, idx) if self.with_index else (xb, yb)
 
 
 class _PlannedUint8(Dataset):
     """Per-sample view of uint8 images; an item key ``(index, flip, row, col)`` carries the augmentation."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, crop_padding: int):
-        self.x, self.y, self.pad = x, y, crop_padding
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, crop_padding: int, with_index: bool = False):
+        self.x, self.y, self.pad, self.with_index = x, y, crop_padding, with_index
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def __getitem__(self, key: tuple[int, bool, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, bool, int, int]) -> tuple[Any, ...]:
         i, flip, r, c = key
         img = self.x[i]
         if flip:
@@ -950,7 +956,7 @@ class _PlannedUint8(Dataset):
         if self.pad:
             h, w = img.shape[1:]
             img = F.pad(img[None], (self.pad,) * 4, mode="reflect")[0, :, r : r + h, c : c + w]
-        return img.contiguous(), self.y[i]
+        return (img.contiguous(), self.y[i], i) if self.with_index else (img.contiguous(), self.y[i])
 
 
 class _PlannedBatchSampler(Sampler):
@@ -998,9 +1004,11 @@ class TorchLoader(_EpochState):
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         num_workers: int = 0,
+        with_index: bool = False,
     ):
         _check_split(x_uint8, y, batch_size, augment, crop_padding)
         self.device = torch.device(device)
+        self.with_index = bool(with_index)
         c = x_uint8.shape[1]
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, c, 1, 1).to(self.device)
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(1, c, 1, 1).to(self.device)
@@ -1015,7 +1023,7 @@ class TorchLoader(_EpochState):
             self._n, self.batch_size, bool(drop_last), self.seed, bool(shuffle), bool(hflip) and bool(augment), pad
         )
         self._loader = DataLoader(
-            _PlannedUint8(x_uint8.cpu(), y.cpu().to(torch.int64), pad),
+            _PlannedUint8(x_uint8.cpu(), y.cpu().to(torch.int64), pad, self.with_index),
             batch_sampler=self._sampler,
             num_workers=int(num_workers),
             pin_memory=self.device.type == "cuda",
@@ -1030,21 +1038,22 @@ class TorchLoader(_EpochState):
     def __len__(self) -> int:
         return len(self._sampler)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self._sampler.epoch = self.epoch
         self.epoch += 1
         batches = iter(self._loader)  # the sampler's plan is drawn here, for the epoch just set
         return self._batches(batches)
 
-    def _batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, ...]]:
         non_blocking = self.device.type == "cuda"
-        for xb, yb in batches:
+        for xb, yb, *rest in batches:
             xb = normalise(xb.to(self.device, non_blocking=non_blocking), self.mean, self.std)
             if self.dtype != torch.float32:
                 xb = xb.to(self.dtype)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb.to(self.device, non_blocking=non_blocking)
+            yb = yb.to(self.device, non_blocking=non_blocking)
+            yield (xb, yb, rest[0].to(self.device, non_blocking=non_blocking)) if rest else (xb, yb)
 
 
 Loader = Union[DeviceLoader, TorchLoader]
@@ -1078,9 +1087,11 @@ def make_loaders(
     *,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    with_index: bool = False,
 ) -> tuple[Loader, Loader, Loader]:
     """``(train, val, test)`` loaders. Train: shuffled, augmented per ``train_cfg`` (augment, crop_padding,
-    hflip), ``drop_last`` when it holds at least one full batch. Val/test: in order, not augmented."""
+    hflip), ``drop_last`` when it holds at least one full batch, yielding ``(x, y, idx)`` with ``with_index``.
+    Val/test: in order, not augmented, ``(x, y)``."""
     kind = choose_loader(data, runtime_loader, device)
     common: dict[str, Any] = dict(
         mean=data.mean, std=data.std, batch_size=train_cfg.batch_size, device=device, seed=seed,
@@ -1091,7 +1102,8 @@ def make_loaders(
     cls = DeviceLoader if kind == "device" else TorchLoader
     train = cls(
         data.train_x, data.train_y, shuffle=True, augment=train_cfg.augment, crop_padding=train_cfg.crop_padding,
-        hflip=train_cfg.hflip, drop_last=len(data.train_y) >= train_cfg.batch_size, **common,
+        hflip=train_cfg.hflip, drop_last=len(data.train_y) >= train_cfg.batch_size, with_index=with_index,
+        **common,
     )
     val = cls(data.val_x, data.val_y, shuffle=False, augment=False, drop_last=False, **common)
     test = cls(data.test_x, data.test_y, shuffle=False, augment=False, drop_last=False, **common)

@@ -224,10 +224,9 @@ def fit(
     student = distiller.student
     teacher = getattr(distiller, "teacher", None)
     if channels_last:
-        # the teacher too: a conv whose weight and input formats differ converts the weight on every call
-        student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last)
+        # every 4-D weight (student, teacher, CES-KD assistants): a conv whose weight and input formats differ
+        # converts the weight on every call
+        distiller.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(_param_groups(distiller, cfg), cfg, device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
