@@ -35,4 +35,4 @@ bench: setup
 	$(PY) benchmarks/step_cost.py
 
 clean:
-	rm -rf data/prepared.pt models reports mlflow.db mlartifacts .pytest_cache
+	rm -rf data/prepared.pt models reports checkpoints mlflow.db mlartifacts .pytest_cache

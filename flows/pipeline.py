@@ -1,0 +1,212 @@
+"""The pipeline as a Prefect flow: the DVC stages in order, then registration (and optionally promotion).
+
+    python -m flows.pipeline                       # whole flow on this machine (temporary Prefect server)
+    python -m flows.pipeline --promote             # ... and run the promotion rule at the end
+
+Each stage runs through DVC (``tasks.dvc_ops.run_stage``), so DVC's cache decides what is up to date, exactly
+as ``dvc repro`` would. The flow adds: input validation before anything runs, retries where failures can be
+transient (data I/O, long training that resumes from its checkpoint, the registry), GPU routing, and one
+MLflow parent run with a nested run per stage.
+
+GPU routing: ``train_teacher`` and ``distill_student`` are tagged ``gpu``. With ``gpu_dispatch="local"``
+(default) they run here like the rest. With ``gpu_dispatch="deployment"`` each is sent to the
+``gkd-stage/gpu`` deployment (work pool "gpu", see flows/deployments.py): this flow pushes the stage's
+inputs to the DVC remote, the GPU worker pulls them, runs the stage and pushes its outputs, and this flow
+pulls them back. That mode needs a DVC remote and a shared MLflow tracking server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import typer
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from tasks import common, dvc_ops, tracking
+from tasks.promote import promote_task
+from tasks.register import register_task
+from tasks.stages import EVALUATE_REPORT, STAGE_NAMES
+
+logger = logging.getLogger(__name__)
+
+# The flow's view of dvc.yaml: same stages, same order (tests/integration/test_pipeline.py checks it).
+STAGES: tuple[str, ...] = STAGE_NAMES
+GPU_STAGES = frozenset({"train_teacher", "distill_student"})
+# Retries where a failure can be transient: reading the dataset (network storage), long training (GPU
+# preemption, OOM from a neighbour; the stage resumes from its per-epoch checkpoint). Evaluation and export
+# are deterministic: a failure there is a bug, retrying would only hide it.
+STAGE_RETRIES = {"prepare_data": 2, "train_teacher": 2, "distill_student": 2, "evaluate": 0, "export_onnx": 0}
+RETRY_DELAY_SECONDS = {"prepare_data": 10, "train_teacher": 30, "distill_student": 30, "evaluate": 0, "export_onnx": 0}
+GPU_DEPLOYMENT = "gkd-stage/gpu"
+PARAMS_FILE = "params.yaml"  # dvc.yaml's stage commands read this file
+
+
+@task(name="dvc-stage", cache_policy=NO_CACHE)
+def stage_task(root: str, stage: str, parent_run_id: Optional[str]) -> dict[str, Any]:
+    """Reproduce one DVC stage (with nested MLflow run when ``parent_run_id`` is given)."""
+    params = common.load_checked_params(Path(root) / PARAMS_FILE, check_dataset=False)
+    return dvc_ops.run_stage(root, stage, parent_run_id=parent_run_id, params=params)
+
+
+def stage_options(stage: str) -> dict[str, Any]:
+    return {"name": stage, "retries": STAGE_RETRIES[stage], "retry_delay_seconds": RETRY_DELAY_SECONDS[stage],
+            "tags": ["gpu"] if stage in GPU_STAGES else ["cpu"]}
+
+
+@flow(name="gkd-stage")
+def stage_flow(stage: str, project_dir: str = ".", parent_run_id: Optional[str] = None,
+               sync_remote: bool = True) -> dict[str, Any]:
+    """One stage as its own flow run: what a GPU worker executes. With ``sync_remote`` it pulls the stage's
+    inputs from the DVC remote first and pushes its outputs afterwards."""
+    root = str(Path(project_dir).resolve())
+    upstream = dvc_ops.stage_upstream(root).get(stage, [])
+    if sync_remote and upstream:
+        dvc_ops.pull(root, upstream)
+    result = stage_task.with_options(**stage_options(stage))(root, stage, parent_run_id)
+    if sync_remote:
+        dvc_ops.push(root, [stage])
+    return result
+
+
+def _dispatch_to_gpu_pool(root: str, stage: str, parent_run_id: Optional[str]) -> dict[str, Any]:
+    """Send a stage to the GPU deployment and wait; data travels through the DVC remote."""
+    from prefect.deployments import run_deployment
+
+    upstream = dvc_ops.stage_upstream(root).get(stage, [])
+    if upstream:
+        dvc_ops.push(root, upstream)
+    t0 = time.perf_counter()
+    run = run_deployment(GPU_DEPLOYMENT, parameters={"stage": stage, "parent_run_id": parent_run_id,
+                                                     "sync_remote": True}, timeout=None)
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"stage {stage} on the gpu pool ended {run.state.name if run.state else 'without state'}")
+    dvc_ops.pull(root, [stage])
+    return {"stage": stage, "ran": None, "cached": None, "seconds": round(time.perf_counter() - t0, 2),
+            "flow_run_id": str(run.id)}
+
+
+def validate_inputs(root: str | Path) -> Any:
+    """All cheap checks before anything runs: params.yaml (every field, model names) and the dataset
+    source. Raises :class:`tasks.common.StageInputError` with one clear message."""
+    root = Path(root)
+    for needed in (PARAMS_FILE, "dvc.yaml"):
+        if not (root / needed).is_file():
+            raise common.StageInputError(f"{root / needed}: not found (is {root} the project folder?)")
+    return common.load_checked_params(root / PARAMS_FILE)
+
+
+@flow(name="gkd-pipeline")
+def pipeline(
+    project_dir: str = ".",
+    register_model: bool = True,
+    promote: bool = False,
+    gpu_dispatch: Literal["local", "deployment"] = "local",
+) -> dict[str, Any]:
+    """prepare_data -> train_teacher -> distill_student -> evaluate -> export_onnx (through DVC) -> register.
+
+    Returns ``{"parent_run_id", "stages": [{stage, ran, cached, seconds}], "ran": [...], "registration",
+    "promotion", "metrics"}``.
+    """
+    log = get_run_logger()
+    root = str(Path(project_dir).resolve())
+    params = validate_inputs(root)
+    if gpu_dispatch == "deployment" and not dvc_ops.has_remote(root):
+        raise common.StageInputError(
+            "gpu_dispatch='deployment' hands data to the GPU workers through a DVC remote, and none is set: "
+            "`dvc remote add -d <name> <url>` (s3://, gs://, azure://, ssh://, or a shared directory)")
+    parent = tracking.start_parent_run(root, params, run_name=f"pipeline-{flow_run.get_name() or 'local'}",
+                                       tags={"gkd.flow": "pipeline", "prefect.flow_run_id": str(flow_run.get_id())})
+    status = "FAILED"
+    results: list[dict[str, Any]] = []
+    registration = decision = None
+    try:
+        for stage in STAGES:
+            if stage in GPU_STAGES and gpu_dispatch == "deployment":
+                results.append(_dispatch_to_gpu_pool(root, stage, parent))
+            else:
+                results.append(stage_task.with_options(**stage_options(stage))(root, stage, parent))
+            log.info("%s: %s", stage, {True: "ran", False: "up to date", None: "done on the gpu pool"}[results[-1]["ran"]])
+        evaluation = common.read_json(Path(root) / EVALUATE_REPORT)
+        tracking.set_run_tags(root, parent, {**tracking.base_tags(root),
+                                             "stages_ran": ",".join(r["stage"] for r in results if r["ran"]) or "none"})
+        summary = {k: v for k, v in common.flatten_numeric(evaluation).items() if not k.startswith("per_class")}
+        parent_run = tracking.StageRun(tracking.get_client(root), parent, root)
+        parent_run.log_metrics(summary)
+        for name in (PARAMS_FILE, "dvc.yaml", "dvc.lock"):
+            parent_run.log_file(name)
+        if register_model:
+            registration = register_task.with_options(cache_policy=NO_CACHE)(PARAMS_FILE, root=root,
+                                                                              parent_run_id=parent)
+        if promote:
+            decision = promote_task.with_options(cache_policy=NO_CACHE)(PARAMS_FILE, root=root)
+        status = "FINISHED"
+    finally:
+        tracking.end_run(root, parent, status)
+    return {
+        "parent_run_id": parent,
+        "stages": results,
+        "ran": [r["stage"] for r in results if r["ran"]],
+        "registration": registration,
+        "promotion": decision,
+        "metrics": summary,
+    }
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="gkd pipeline")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("seconds", justify="right")
+    for r in result["stages"]:
+        status = "gpu pool" if r["ran"] is None else ("ran" if r["ran"] else "up to date")
+        table.add_row(r["stage"], status, f"{r['seconds']:.1f}")
+    reg = result.get("registration")
+    if reg:
+        table.add_row("register", f"{reg['name']} v{reg['version']} @{reg['alias']} (ONNX {reg['onnx_parity']})", "")
+    if result.get("promotion"):
+        table.add_row("promote", f"{result['promotion']['decision']}: {result['promotion']['reason']}", "")
+    metrics = Table(title="student (test split)")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for k in ("test_accuracy", "test_top5", "test_ece", "agreement", "teacher_test_accuracy"):
+        if k in result["metrics"]:
+            metrics.add_row(k, f"{result['metrics'][k]:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(metrics)
+
+
+def main(
+    params: Path = typer.Option(Path(PARAMS_FILE), "--params", "-p",
+                                help="the project's params.yaml (its folder is the project: dvc.yaml, outputs)"),
+    register: bool = typer.Option(True, help="register the student in MLflow (alias challenger)"),
+    promote: bool = typer.Option(False, help="then run the promotion rule (challenger -> champion?)"),
+    gpu_dispatch: str = typer.Option("local", help="local | deployment (GPU stages on the gpu work pool)"),
+) -> None:
+    """Run the pipeline flow (bad input ends with one message and exit code 2 before any stage runs)."""
+    common.configure_logging()
+    root = params.resolve().parent
+    try:
+        if params.name != PARAMS_FILE:
+            raise common.StageInputError(
+                f"{params}: dvc.yaml's stages read {PARAMS_FILE} in the project folder; edit that file, or try "
+                "values with `dvc exp run -S key=value`")
+        if gpu_dispatch not in ("local", "deployment"):
+            raise common.StageInputError(f"--gpu-dispatch must be local or deployment, got {gpu_dispatch!r}")
+        validate_inputs(root)
+    except common.StageInputError as err:
+        logger.error("%s", err)
+        raise typer.Exit(2) from None
+    _print_summary(pipeline(str(root), register_model=register, promote=promote, gpu_dispatch=gpu_dispatch))
+
+
+if __name__ == "__main__":
+    typer.run(main)

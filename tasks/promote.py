@@ -1,0 +1,199 @@
+"""Promotion: compare the ``challenger`` with the ``champion`` and move the ``champion`` alias when it is better.
+
+    python -m tasks.promote --params params.yaml        # decision in reports/promote.{json,md} and MLflow
+
+Rules (params ``promote.metric``, ``promote.higher_is_better``, ``promote.min_improvement``):
+
+* a challenger whose ONNX parity did not pass, or whose run lacks the metric, is refused;
+* with no champion yet, a challenger that passes those checks becomes champion;
+* otherwise it is promoted when ``improvement > 0`` and ``improvement >= min_improvement``, where
+  ``improvement = challenger - champion`` (or the reverse when lower is better); a champion without the
+  metric is replaced by any challenger that passes the checks;
+* a challenger that already is the champion leaves everything unchanged.
+
+Each decision is recorded on the challenger's model version (tags ``promote.*``), as an MLflow run named
+``promote`` (tags + the report files) and as reports/promote.json and reports/promote.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from prefect import task
+
+from gkd_core.io import atomic_write, write_json
+from tasks import common, tracking
+
+logger = logging.getLogger(__name__)
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+PROMOTE_JSON = "reports/promote.json"
+PROMOTE_MD = "reports/promote.md"
+
+
+def _version_by_alias(client: Any, name: str, alias: str) -> Optional[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such alias, or no such registered model
+        return None
+
+
+def describe_version(client: Any, mv: Any, metric: str) -> dict[str, Any]:
+    """What promotion needs to know about a model version: its metric (from its run) and parity."""
+    value = None
+    if mv.run_id:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            value = client.get_run(mv.run_id).data.metrics.get(metric)
+        except MlflowException:
+            value = None
+    if value is not None and not math.isfinite(value):
+        value = None
+    return {"version": str(mv.version), "run_id": mv.run_id, "value": value,
+            "onnx_parity": mv.tags.get("onnx_parity", "unknown"), "method": mv.tags.get("method")}
+
+
+def decide(challenger: Optional[dict[str, Any]], champion: Optional[dict[str, Any]], metric: str,
+           higher_is_better: bool, min_improvement: float) -> tuple[str, str, Optional[float]]:
+    """``(decision, reason, improvement)`` with decision ``promoted`` | ``refused`` | ``unchanged``. Pure."""
+    if challenger is None:
+        return "refused", f"no model version has alias {CHALLENGER!r}", None
+    if challenger["onnx_parity"] != "passed":
+        return "refused", f"ONNX parity {challenger['onnx_parity']} for version {challenger['version']}", None
+    if challenger["value"] is None:
+        return "refused", f"metric {metric!r} is missing on version {challenger['version']}'s run", None
+    if champion is None:
+        return "promoted", f"no champion yet; version {challenger['version']} passes the checks", None
+    if champion["version"] == challenger["version"]:
+        return "unchanged", f"version {challenger['version']} already is the champion", 0.0
+    if champion["value"] is None:
+        return "promoted", f"champion version {champion['version']} has no {metric!r}", None
+    diff = challenger["value"] - champion["value"]
+    improvement = diff if higher_is_better else -diff
+    verdict = (f"{metric} {challenger['value']:.6g} vs champion {champion['value']:.6g} "
+               f"(version {champion['version']}): improvement {improvement:+.6g}, required > 0 and >= {min_improvement:g}")
+    if improvement > 0 and improvement >= min_improvement:
+        return "promoted", verdict, improvement
+    return "refused", verdict, improvement
+
+
+def _markdown(record: dict[str, Any]) -> str:
+    ch, cp = record["challenger"] or {}, record["champion_before"] or {}
+
+    def cell(d: dict[str, Any], key: str) -> str:
+        v = d.get(key)
+        return "-" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+    return "\n".join([
+        f"# Promotion decision: **{record['decision']}**",
+        "",
+        f"- model: `{record['model']}`",
+        f"- when: {record['at']}",
+        f"- rule: `{record['metric']}` {'higher' if record['higher_is_better'] else 'lower'} is better, "
+        f"min improvement {record['min_improvement']:g}",
+        f"- reason: {record['reason']}",
+        "",
+        "| | version | method | " + record["metric"] + " | ONNX parity |",
+        "|---|---|---|---|---|",
+        f"| challenger | {cell(ch, 'version')} | {cell(ch, 'method')} | {cell(ch, 'value')} | {cell(ch, 'onnx_parity')} |",
+        f"| champion (before) | {cell(cp, 'version')} | {cell(cp, 'method')} | {cell(cp, 'value')} | "
+        f"{cell(cp, 'onnx_parity')} |",
+        "",
+        f"Champion after: version {record['champion_after'] or '-'}.",
+        "",
+    ])
+
+
+def promote(
+    params_path: str | Path = "params.yaml",
+    root: str | Path = ".",
+    report_json: str | Path = PROMOTE_JSON,
+    report_md: str | Path = PROMOTE_MD,
+    challenger_alias: str = CHALLENGER,
+    champion_alias: str = CHAMPION,
+) -> dict[str, Any]:
+    """Decide, move the alias when promoted, record the decision everywhere; returns the record."""
+    root = Path(root)
+    params = common.load_checked_params(root / params_path, check_dataset=False)
+    cfg, name = params.promote, params.mlflow.registered_model_name
+    client = tracking.get_client(root)
+    mv_challenger = _version_by_alias(client, name, challenger_alias)
+    mv_champion = _version_by_alias(client, name, champion_alias)
+    challenger = describe_version(client, mv_challenger, cfg.metric) if mv_challenger else None
+    champion = describe_version(client, mv_champion, cfg.metric) if mv_champion else None
+    decision, reason, improvement = decide(challenger, champion, cfg.metric, cfg.higher_is_better,
+                                           cfg.min_improvement)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    champion_after = champion["version"] if champion else None
+    if decision == "promoted":
+        client.set_registered_model_alias(name, champion_alias, challenger["version"])
+        champion_after = challenger["version"]
+        client.set_model_version_tag(name, challenger["version"], "champion_since", now)
+        if champion is not None:
+            client.set_model_version_tag(name, champion["version"], "replaced_by", challenger["version"])
+    record = {
+        "decision": decision, "reason": reason, "model": name, "metric": cfg.metric,
+        "higher_is_better": cfg.higher_is_better, "min_improvement": cfg.min_improvement,
+        "improvement": improvement, "challenger": challenger, "champion_before": champion,
+        "champion_after": champion_after, "at": now,
+    }
+    if challenger is not None:
+        for key, value in (("decision", decision), ("reason", reason[:5000]), ("at", now),
+                           ("compared_with", champion["version"] if champion else "none")):
+            client.set_model_version_tag(name, challenger["version"], f"promote.{key}", value)
+    write_json(root / report_json, record)
+    with atomic_write(root / report_md) as fh:
+        fh.write(_markdown(record))
+    experiment_id = tracking.ensure_experiment(client, params.mlflow.experiment, root)
+    run = tracking.StageRun(client, tracking.create_run(client, experiment_id, "promote", {
+        **tracking.base_tags(root), "gkd.stage": "promote", "promote.decision": decision,
+        "promote.challenger": challenger["version"] if challenger else "none",
+        "promote.champion_before": champion["version"] if champion else "none",
+        "promote.champion_after": champion_after or "none"}), root)
+    run.log_params({"metric": cfg.metric, "higher_is_better": cfg.higher_is_better,
+                    "min_improvement": cfg.min_improvement, "model": name})
+    run.log_metrics({k: v for k, v in (("challenger_value", (challenger or {}).get("value")),
+                                       ("champion_value", (champion or {}).get("value")),
+                                       ("improvement", improvement),
+                                       ("promoted", 1.0 if decision == "promoted" else 0.0)) if v is not None})
+    run.log_artifact(root / report_json, "reports")
+    run.log_artifact(root / report_md, "reports")
+    client.set_terminated(run.run_id, "FINISHED")
+    record["decision_run_id"] = run.run_id
+    log = logger.info if decision != "refused" else logger.warning
+    log("promotion %s: %s", decision, reason)
+    return record
+
+
+promote_task = task(promote, name="promote", retries=2, retry_delay_seconds=10)
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+
+
+@app.command()
+def main(
+    params_path: Path = typer.Option(Path("params.yaml"), "--params", "-p", help=common.PARAMS_HELP),
+    fail_on_refuse: bool = typer.Option(False, help="exit with code 3 when the challenger is refused"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Compare challenger and champion; move the champion alias when the challenger is better."""
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        outcome.update(promote(params_path))
+
+    common.run_cli(body, verbose)
+    if fail_on_refuse and outcome.get("decision") == "refused":
+        raise typer.Exit(3)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,63 @@
+"""The pipeline's stages and the files each one writes: one table, used by the stage defaults, the
+MLflow logging of a stage (live or from its cached outputs) and the test that keeps dvc.yaml in step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Order matters: it is the dependency order of dvc.yaml.
+STAGE_NAMES = ("prepare_data", "train_teacher", "distill_student", "evaluate", "export_onnx")
+
+PREPARED = "data/prepared.pt"
+TEACHER = "models/teacher.pt"
+STUDENT = "models/student.pt"
+ONNX = "models/student.onnx"
+DATA_REPORT = "reports/data.json"
+TEACHER_REPORT = "reports/teacher.json"
+STUDENT_REPORT = "reports/student.json"
+EVALUATE_REPORT = "reports/evaluate.json"
+EXPORT_REPORT = "reports/export.json"
+TEACHER_HISTORY = "reports/plots/teacher_history.csv"
+STUDENT_HISTORY = "reports/plots/student_history.csv"
+TEACHER_CURVES = "reports/plots/teacher_curves.png"
+STUDENT_CURVES = "reports/plots/student_curves.png"
+SCHEDULE_CSV = "reports/plots/schedule.csv"
+SCHEDULE_PNG = "reports/plots/schedule.png"
+CONFUSION_CSV = "reports/plots/confusion.csv"
+CONFUSION_PNG = "reports/plots/confusion.png"
+CHECKPOINT_DIR = "checkpoints"  # resume state of interrupted training; not a DVC output (git-ignored)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one stage writes (all DVC-cached outputs).
+
+    ``metrics`` are JSON reports (logged to MLflow as metrics and artifacts), ``history`` per-epoch CSVs
+    (logged as stepped metrics when a cached stage is replayed), ``artifacts`` further files to log.
+    """
+
+    name: str
+    models: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    history: tuple[str, ...] = ()
+    artifacts: tuple[str, ...] = ()
+    log_models: tuple[str, ...] = field(default=())  # model files also logged as MLflow artifacts
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.models + self.metrics + self.history + self.artifacts
+
+
+STAGES: dict[str, StageSpec] = {
+    "prepare_data": StageSpec("prepare_data", models=(PREPARED,), metrics=(DATA_REPORT,)),
+    "train_teacher": StageSpec(
+        "train_teacher", models=(TEACHER,), metrics=(TEACHER_REPORT,), history=(TEACHER_HISTORY,),
+        artifacts=(TEACHER_CURVES,),
+    ),
+    "distill_student": StageSpec(
+        "distill_student", models=(STUDENT,), metrics=(STUDENT_REPORT,), history=(STUDENT_HISTORY,),
+        artifacts=(STUDENT_CURVES, SCHEDULE_CSV, SCHEDULE_PNG),
+    ),
+    "evaluate": StageSpec("evaluate", metrics=(EVALUATE_REPORT,), artifacts=(CONFUSION_CSV, CONFUSION_PNG)),
+    "export_onnx": StageSpec("export_onnx", models=(ONNX,), metrics=(EXPORT_REPORT,), log_models=(ONNX,)),
+}

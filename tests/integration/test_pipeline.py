@@ -1,0 +1,224 @@
+"""The pipeline end to end: Prefect flow -> DVC stages -> MLflow runs and registry; DVC's caching rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from _project import commit_all, edit_params, run
+
+pytestmark = pytest.mark.integration
+
+ALL_STAGES = ["prepare_data", "train_teacher", "distill_student", "evaluate", "export_onnx"]
+
+
+def _dvc_yaml(root: Path) -> dict[str, Any]:
+    return yaml.safe_load((root / "dvc.yaml").read_text())
+
+
+def _exp_records(node: Any):
+    """Every revision's ``data`` ({params, metrics, ...}) in `dvc exp show --json` output."""
+    if isinstance(node, dict):
+        data = node.get("data")
+        if isinstance(data, dict) and "params" in data and "metrics" in data:
+            yield data
+        for value in node.values():
+            yield from _exp_records(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _exp_records(value)
+
+
+def _entries(items: list[Any]) -> set[str]:
+    return {next(iter(i)) if isinstance(i, dict) else i for i in items or []}
+
+
+def test_dvc_yaml_and_flow_agree(pipeline_project: Path) -> None:
+    """Same stages in the same order; every stage's declared files are the ones the tasks write."""
+    from flows.pipeline import GPU_STAGES, STAGE_RETRIES, STAGES, stage_options
+    from tasks import dvc_ops
+    from tasks.stages import STAGES as SPECS
+
+    assert dvc_ops.stage_names(pipeline_project) == list(STAGES) == ALL_STAGES
+    stages = _dvc_yaml(pipeline_project)["stages"]
+    upstream = dvc_ops.stage_upstream(pipeline_project)
+    for i, name in enumerate(STAGES):
+        st = stages[name]
+        assert st["cmd"] == f"python -m tasks.{name} --params params.yaml"
+        assert f"tasks/{name}.py" in st["deps"]
+        declared = _entries(st.get("outs")) | _entries(st.get("metrics")) | _entries(st.get("plots"))
+        assert declared == set(SPECS[name].outputs), name
+        assert set(upstream[name]) <= set(STAGES[:i]), f"{name} depends on a later stage"
+        assert stage_options(name)["retries"] == STAGE_RETRIES[name]
+    assert GPU_STAGES == {"train_teacher", "distill_student"}
+    assert all("gpu" in stage_options(s)["tags"] for s in GPU_STAGES)
+    # every section of params.yaml is some stage's dependency, except the ones only flows read
+    listed = {p.split(".")[0] for st in stages.values() for p in st.get("params", [])}
+    sections = set(yaml.safe_load((pipeline_project / "params.yaml").read_text()))
+    assert sections - listed == {"mlflow", "promote"}
+
+
+def test_flow_runs_every_stage_and_registers_challenger(pipeline_run: dict[str, Any], pipeline_project: Path) -> None:
+    from mlflow import MlflowClient
+
+    assert pipeline_run["ran"] == ALL_STAGES
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # registration must not leak MLflow's global state
+    for rel in ("data/prepared.pt", "models/teacher.pt", "models/student.pt", "models/student.onnx",
+                "reports/teacher.json", "reports/student.json", "reports/evaluate.json", "reports/export.json",
+                "reports/plots/teacher_history.csv", "reports/plots/student_history.csv",
+                "reports/plots/schedule.csv", "reports/plots/confusion.csv", "reports/plots/confusion.png",
+                "reports/plots/student_curves.png", "reports/plots/schedule.png"):
+        assert (pipeline_project / rel).is_file(), rel
+    assert not list(pipeline_project.rglob(".*.tmp")), "temp files left behind"
+    evaluation = json.loads((pipeline_project / "reports/evaluate.json").read_text())
+    assert evaluation["test_accuracy"] > 0.3  # well above chance (0.1) even for the tiny configuration
+
+    client = MlflowClient(f"sqlite:///{pipeline_project / 'mlflow.db'}")
+    parent = client.get_run(pipeline_run["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["git_commit"] and parent.data.tags["dvc_data_md5"] and parent.data.tags["data_hash"]
+    assert parent.data.params["method.name"] == "gompertz"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["gkd.stage"]: r for r in children}
+    assert set(by_stage) == set(ALL_STAGES) | {"register"}
+    for name, r in by_stage.items():
+        assert r.info.status == "FINISHED", name
+        assert r.data.tags["cached"] == "false"
+        assert r.data.tags["git_commit"] == parent.data.tags["git_commit"]
+    distill = by_stage["distill_student"]
+    epochs = yaml.safe_load((pipeline_project / "params.yaml").read_text())["student"]["train"]["epochs"]
+    for metric in ("weight", "train_accuracy", "val_accuracy", "train_ce", "train_kd", "train_wasserstein",
+                   "train_grad_match", "lr"):
+        history = client.get_metric_history(distill.info.run_id, metric)
+        assert [m.step for m in history] == list(range(1, epochs + 1)), metric
+    weights = [m.value for m in client.get_metric_history(distill.info.run_id, "weight")]
+    assert weights == sorted(weights) and weights[0] < weights[-1]  # the Gompertz weight grows
+    assert distill.data.params["method.gompertz.c"]
+    artifacts = {a.path for a in client.list_artifacts(distill.info.run_id, "reports/plots")}
+    assert {"reports/plots/student_curves.png", "reports/plots/schedule.png",
+            "reports/plots/student_history.csv"} <= artifacts
+    assert any(a.path.endswith("student.onnx") for a in client.list_artifacts(by_stage["export_onnx"].info.run_id,
+                                                                               "models"))
+    assert any(a.path.endswith("confusion.png") for a in client.list_artifacts(by_stage["evaluate"].info.run_id,
+                                                                                "reports/plots"))
+
+    reg = pipeline_run["registration"]
+    mv = client.get_model_version_by_alias("gkd-student", "challenger")
+    assert str(mv.version) == reg["version"] and mv.run_id == by_stage["register"].info.run_id
+    assert mv.tags["onnx_parity"] == "passed" and mv.tags["data_hash"] == parent.data.tags["data_hash"]
+    assert client.get_run(mv.run_id).data.metrics["test_accuracy"] == pytest.approx(evaluation["test_accuracy"])
+
+
+def test_challenger_loads_in_a_fresh_process_and_onnx_agrees(pipeline_run: dict[str, Any],
+                                                             pipeline_project: Path, tmp_path: Path) -> None:
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys
+        from pathlib import Path
+        import mlflow, numpy as np, onnxruntime as ort, torch
+        from gkd_core.data import load_prepared
+        from gkd_core.runner import load_model, normalise_images
+
+        root = Path(sys.argv[1])
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        model = mlflow.pytorch.load_model("models:/gkd-student@challenger")
+        data = load_prepared(root / "data/prepared.pt")
+        x = normalise_images(data.test_x[:50], data.mean.tolist(), data.std.tolist())
+        with torch.no_grad():
+            registered = model(x).numpy()
+            local = load_model(root / "models/student.pt")[0](x).numpy()
+        folder = Path(mlflow.artifacts.download_artifacts("models:/gkd-student@challenger", dst_path=sys.argv[2]))
+        session = ort.InferenceSession(str(folder / "extra_files/student.onnx"), providers=["CPUExecutionProvider"])
+        onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        print(json.dumps({
+            "type": type(model).__name__,
+            "registered_vs_local": float(np.abs(registered - local).max()),
+            "onnx_vs_registered": float(np.abs(onnx_out - registered).max()),
+            "same_argmax": bool((onnx_out.argmax(1) == registered.argmax(1)).all()),
+            "accuracy": float((registered.argmax(1) == data.test_y[:50].numpy()).mean()),
+        }))
+    """))
+    proc = run([sys.executable, str(script), str(pipeline_project), str(tmp_path / "dl")], cwd=pipeline_project)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["registered_vs_local"] < 1e-5
+    assert out["onnx_vs_registered"] < 1e-4
+    assert out["same_argmax"]
+    assert out["accuracy"] > 0.3
+
+
+def test_second_flow_run_reruns_nothing_and_logs_cached_stages(pipeline_run: dict[str, Any],
+                                                               pipeline_project: Path) -> None:
+    from mlflow import MlflowClient
+
+    from flows.pipeline import pipeline
+    from tasks import dvc_ops
+
+    with dvc_ops.open_repo(pipeline_project) as repo:
+        assert repo.reproduce() == []  # plain `dvc repro`: nothing to do
+    again = pipeline(str(pipeline_project), register_model=False)
+    assert again["ran"] == []
+    client = MlflowClient(f"sqlite:///{pipeline_project / 'mlflow.db'}")
+    children = client.search_runs(
+        [client.get_run(again["parent_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{again['parent_run_id']}'")
+    assert {r.data.tags["gkd.stage"] for r in children} == set(ALL_STAGES)
+    assert all(r.data.tags["cached"] == "true" for r in children)
+    distill = next(r for r in children if r.data.tags["gkd.stage"] == "distill_student")
+    assert len(client.get_metric_history(distill.info.run_id, "weight")) >= 1  # replayed from the CSV
+    assert distill.data.metrics["test_accuracy"] > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [({"export.tolerance": 0.001}, ["export_onnx"])],  # a distillation param: test_dvc_cli_exp_run_...
+    ids=["export-param"],
+)
+def test_changed_param_reruns_only_downstream_stages(clone_project, change: dict[str, Any], expected: list[str]) -> None:
+    """Stage by stage through the DVC API, as the flow does: only the stages downstream of the change run."""
+    from tasks import dvc_ops
+
+    root = clone_project()
+    edit_params(root, change)
+    ran = []
+    for stage in dvc_ops.stage_names(root):  # what the flow does, stage by stage
+        with dvc_ops.stage_environment(root, None):
+            if dvc_ops.reproduce_stage(root, stage):
+                ran.append(stage)
+    assert ran == expected
+    with dvc_ops.open_repo(root) as repo:
+        assert repo.reproduce() == []
+
+
+def test_dvc_cli_exp_run_metrics_plots_params(clone_project) -> None:
+    """`dvc exp run -S` with a distillation param reruns distill_student and what follows, nothing upstream;
+    `dvc params diff`, `dvc metrics show`, `dvc exp show` and `dvc plots show` read the declared files."""
+    root = clone_project()
+    proc = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "method.gompertz.c=9.0"], root)
+    log = proc.stdout + proc.stderr
+    assert "Running stage 'distill_student'" in log and "Running stage 'export_onnx'" in log
+    assert "Running stage 'train_teacher'" not in log and "Running stage 'prepare_data'" not in log
+    diff = json.loads(run([sys.executable, "-m", "dvc", "params", "diff", "--json"], root).stdout)
+    assert diff["params.yaml"]["method.gompertz.c"]["new"] == 9.0
+    metrics = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], root).stdout)
+    flat = json.dumps(metrics)
+    assert "test_accuracy" in flat and "max_abs_diff" in flat and "best_val_accuracy" in flat
+    exps = json.loads(run([sys.executable, "-m", "dvc", "exp", "show", "--json"], root).stdout)
+    runs = list(_exp_records(exps))
+    mine = [r for r in runs if r["params"]["params.yaml"]["data"]["method"]["gompertz"]["c"] == 9.0]
+    assert mine, runs
+    # the experiment's own metrics come back (outputs are DVC-cached, so they live in the cache, not git)
+    assert all(r["metrics"]["reports/evaluate.json"]["data"]["test_accuracy"] > 0 for r in mine)
+    out = root / "plots_html"
+    run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(out)], root)
+    html = (out / "index.html").read_text()
+    for title in ("Accuracy (teacher and student)", "Distillation weight over training", "Confusion matrix"):
+        assert title in html, title
+    commit_all(root, "experiment applied")

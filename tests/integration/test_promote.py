@@ -1,0 +1,126 @@
+"""Promotion against a real MLflow registry: first champion, better / worse / failed-parity / metric-less
+challengers. Versions are registered by tasks.register from the pipeline's real outputs; only the report
+files they read are varied (accuracy, parity, a missing metric)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from _project import edit_params
+
+pytestmark = pytest.mark.integration
+NAME = "gkd-student"
+
+
+@pytest.fixture
+def registry(clone_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None):
+    """A clone of the pipeline project with an empty registry of its own."""
+    root = clone_project()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'registry.db'}")
+    return root
+
+
+def _register(root: Path, tmp: Path, accuracy: Optional[float], parity: bool = True) -> str:
+    from tasks.register import register
+
+    evaluation = json.loads((root / "reports/evaluate.json").read_text())
+    if accuracy is None:
+        evaluation.pop("test_accuracy")
+    else:
+        evaluation["test_accuracy"] = accuracy
+    export = json.loads((root / "reports/export.json").read_text())
+    export["passed"] = parity
+    tag = f"{accuracy}-{parity}"
+    (tmp / f"evaluate-{tag}.json").write_text(json.dumps(evaluation))
+    (tmp / f"export-{tag}.json").write_text(json.dumps(export))
+    return register("params.yaml", evaluate_report=tmp / f"evaluate-{tag}.json",
+                    export_report=tmp / f"export-{tag}.json", root=root)["version"]
+
+
+def _aliases(root: Path) -> dict[str, Optional[str]]:
+    from tasks import tracking
+    from tasks.promote import _version_by_alias
+
+    client = tracking.get_client(root)
+    out = {}
+    for alias in ("challenger", "champion"):
+        mv = _version_by_alias(client, NAME, alias)
+        out[alias] = str(mv.version) if mv else None
+    return out
+
+
+def _promote(root: Path) -> dict[str, Any]:
+    from flows.promote import promote
+
+    record = promote(str(root))
+    on_disk = json.loads((root / "reports/promote.json").read_text())
+    assert on_disk["decision"] == record["decision"] and (root / "reports/promote.md").is_file()
+    return record
+
+
+def test_promotion_rules(registry: Path, tmp_path: Path) -> None:
+    from tasks import tracking
+
+    root = registry
+    client = tracking.get_client(root)
+
+    v_bad_parity = _register(root, tmp_path, 0.90, parity=False)
+    rec = _promote(root)
+    assert rec["decision"] == "refused" and "parity" in rec["reason"]
+    assert _aliases(root) == {"challenger": v_bad_parity, "champion": None}
+
+    v1 = _register(root, tmp_path, 0.80)
+    rec = _promote(root)
+    assert rec["decision"] == "promoted" and "no champion" in rec["reason"]
+    assert _aliases(root) == {"challenger": v1, "champion": v1}
+    assert client.get_model_version(NAME, v1).tags["promote.decision"] == "promoted"
+    assert _promote(root)["decision"] == "unchanged"
+
+    v_worse = _register(root, tmp_path, 0.70)
+    rec = _promote(root)
+    assert rec["decision"] == "refused" and rec["improvement"] == pytest.approx(-0.10)
+    assert _aliases(root)["champion"] == v1
+    assert client.get_model_version(NAME, v_worse).tags["promote.decision"] == "refused"
+
+    v_parity_fail = _register(root, tmp_path, 0.95, parity=False)
+    rec = _promote(root)
+    assert rec["decision"] == "refused" and "parity" in rec["reason"]
+    assert _aliases(root) == {"challenger": v_parity_fail, "champion": v1}
+
+    v_better = _register(root, tmp_path, 0.95)
+    edit_params(root, {"promote.min_improvement": 0.2})
+    rec = _promote(root)
+    assert rec["decision"] == "refused" and rec["improvement"] == pytest.approx(0.15)
+    edit_params(root, {"promote.min_improvement": 0.05})
+    rec = _promote(root)
+    assert rec["decision"] == "promoted"
+    assert _aliases(root) == {"challenger": v_better, "champion": v_better}
+    assert client.get_model_version(NAME, v1).tags["replaced_by"] == v_better
+
+    v_no_metric = _register(root, tmp_path, None)
+    rec = _promote(root)
+    assert rec["decision"] == "refused" and "missing" in rec["reason"]
+    assert _aliases(root) == {"challenger": v_no_metric, "champion": v_better}
+
+    # every decision is also an MLflow run with the report attached
+    exp = client.get_experiment_by_name("gkd-pipeline")
+    decisions = client.search_runs([exp.experiment_id], filter_string="tags.`gkd.stage` = 'promote'")
+    assert len(decisions) == 8
+    assert {a.path for a in client.list_artifacts(decisions[0].info.run_id, "reports")} == {
+        "reports/promote.json", "reports/promote.md"}
+
+
+def test_decide_is_pure_and_direction_aware() -> None:
+    from tasks.promote import decide
+
+    champ = {"version": "1", "value": 0.30, "onnx_parity": "passed"}
+    chall = {"version": "2", "value": 0.25, "onnx_parity": "passed"}
+    assert decide(chall, champ, "test_ece", higher_is_better=False, min_improvement=0.0)[0] == "promoted"
+    assert decide(chall, champ, "test_accuracy", higher_is_better=True, min_improvement=0.0)[0] == "refused"
+    assert decide({**chall, "value": 0.30}, champ, "m", True, 0.0)[0] == "refused"  # a tie keeps the champion
+    assert decide(None, champ, "m", True, 0.0)[0] == "refused"
+    assert decide(chall, {**champ, "value": None}, "m", True, 0.0)[0] == "promoted"
