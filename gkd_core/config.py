@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -208,7 +208,9 @@ class RuntimeConfig(Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
-    compile: bool = Field(False, description="torch.compile the student (CUDA)")
+    compile: Union[bool, Literal["auto"]] = Field(
+        "auto", description="torch.compile student and teacher; auto = on CUDA only (compile warm-up is slow on CPU)"
+    )
     loader: Literal["auto", "device", "torch"] = Field(
         "auto", description="device: whole split resident on the device; torch: DataLoader; auto: device if it fits"
     )

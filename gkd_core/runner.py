@@ -78,7 +78,8 @@ def _train(
     result = fit(
         distiller, train_loader, val_loader, net_cfg.train, device=device,
         progress_granularity=method.progress, checkpoint_path=checkpoint_path, resume=resume,
-        fingerprint=fingerprint, callbacks=callbacks, amp=rt.amp, channels_last=use_cl, compile=rt.compile,
+        fingerprint=fingerprint, callbacks=callbacks, amp=rt.amp, channels_last=use_cl,
+        compile=rt.compile is True or (rt.compile == "auto" and device.type == "cuda"),
         progress_bar=rt.progress_bar, desc=desc, stop_after_epochs=stop_after_epochs,
     )
     distiller.remove_hooks()  # the returned network is plain: no feature hooks left for export/serving
