@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(PY) -m flows.pipeline --params params.yaml
+	$(PY) -m flows.pipeline --params params.yaml --baselines none,kd
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -30,7 +30,8 @@ from prefect.runtime import flow_run
 from tasks import common, dvc_ops, tracking
 from tasks.promote import promote_task
 from tasks.register import register_task
-from tasks.stages import EVALUATE_REPORT, STAGE_NAMES
+from tasks.stages import EVALUATE_REPORT, STAGE_NAMES, TEACHER_REPORT
+from tasks.sweep import sweep_point_task
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ GPU_STAGES = frozenset({"train_teacher", "distill_student"})
 STAGE_RETRIES = {"prepare_data": 2, "train_teacher": 2, "distill_student": 2, "evaluate": 0, "export_onnx": 0}
 RETRY_DELAY_SECONDS = {"prepare_data": 10, "train_teacher": 30, "distill_student": 30, "evaluate": 0, "export_onnx": 0}
 GPU_DEPLOYMENT = "gkd-stage/gpu"
+BASELINES_DIR = "reports/baselines"  # baseline students of `--baselines` (same teacher and seed)
 PARAMS_FILE = "params.yaml"  # dvc.yaml's stage commands read this file
 
 
@@ -106,15 +108,19 @@ def pipeline(
     register_model: bool = True,
     promote: bool = False,
     gpu_dispatch: Literal["local", "deployment"] = "local",
+    baselines: Optional[list[str]] = None,
 ) -> dict[str, Any]:
     """prepare_data -> train_teacher -> distill_student -> evaluate -> export_onnx (through DVC) -> register.
 
     Returns ``{"parent_run_id", "stages": [{stage, ran, cached, seconds}], "ran": [...], "registration",
-    "promotion", "metrics"}``.
+    "promotion", "metrics", "comparison", "tracking_uri"}``. ``baselines`` (method names) are distilled after
+    registration with the same teacher and seed, for the comparison table (not registered).
     """
     log = get_run_logger()
     root = str(Path(project_dir).resolve())
     params = validate_inputs(root)
+    baselines = [m for m in (baselines or []) if m != params.method.name]
+    check_baselines(root, baselines)
     if gpu_dispatch == "deployment" and not dvc_ops.has_remote(root):
         raise common.StageInputError(
             "gpu_dispatch='deployment' hands data to the GPU workers through a DVC remote, and none is set: "
@@ -124,6 +130,7 @@ def pipeline(
     status = "FAILED"
     results: list[dict[str, Any]] = []
     registration = decision = None
+    comparison: dict[str, Any] = {"teacher": None}
     try:
         for stage in STAGES:
             if stage in GPU_STAGES and gpu_dispatch == "deployment":
@@ -132,6 +139,7 @@ def pipeline(
                 results.append(stage_task.with_options(**stage_options(stage))(root, stage, parent))
             log.info("%s: %s", stage, {True: "ran", False: "up to date", None: "done on the gpu pool"}[results[-1]["ran"]])
         evaluation = common.read_json(Path(root) / EVALUATE_REPORT)
+        comparison["teacher"] = common.read_json(Path(root) / TEACHER_REPORT).get("test_accuracy")
         tracking.set_run_tags(root, parent, {**tracking.base_tags(root),
                                              "stages_ran": ",".join(r["stage"] for r in results if r["ran"]) or "none"})
         summary = {k: v for k, v in common.flatten_numeric(evaluation).items() if not k.startswith("per_class")}
@@ -144,6 +152,10 @@ def pipeline(
                                                                               parent_run_id=parent)
         if promote:
             decision = promote_task.with_options(cache_policy=NO_CACHE)(PARAMS_FILE, root=root)
+        for method in baselines:  # same teacher, same seed, only the method differs
+            point = sweep_point_task.with_options(tags=["gpu"])(method, params.seed, root, BASELINES_DIR, parent)
+            comparison[method] = point["test_accuracy"]
+        comparison[params.method.name] = evaluation.get("test_accuracy")
         status = "FINISHED"
     finally:
         tracking.end_run(root, parent, status)
@@ -154,7 +166,15 @@ def pipeline(
         "registration": registration,
         "promotion": decision,
         "metrics": summary,
+        "comparison": comparison,
+        "tracking_uri": tracking.tracking_uri(root),
     }
+
+
+def check_baselines(root: str | Path, methods: list[str]) -> None:
+    """Each baseline method must give valid params (refused with one message before any stage runs)."""
+    for method in methods:
+        common.load_checked_params(Path(root) / PARAMS_FILE, {"method.name": method}, check_dataset=False)
 
 
 def _print_summary(result: dict[str, Any]) -> None:
@@ -182,6 +202,23 @@ def _print_summary(result: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     console.print(metrics)
+    comparison = {k: v for k, v in result.get("comparison", {}).items() if v is not None}
+    if len(comparison) > 1:
+        names = {"teacher": "teacher", "none": "student alone", "kd": "student + KD",
+                 "gompertz": "student + Gompertz-KD"}
+        cmp_table = Table(title="test accuracy (same data, seed and teacher)")
+        cmp_table.add_column("model")
+        cmp_table.add_column("accuracy", justify="right")
+        for k, v in comparison.items():
+            cmp_table.add_row(names.get(k, f"student + {k}"), f"{v:.4f}")
+        console.print(cmp_table)
+    uri = result.get("tracking_uri", "")
+    if reg:
+        console.print(f"registered: models:/{reg['name']}@{reg['alias']} (version {reg['version']}) in {uri}", soft_wrap=True)
+    ui_uri = uri if uri.startswith("sqlite:") else "<your MLFLOW_TRACKING_URI>"
+    console.print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {ui_uri}   -> http://127.0.0.1:5000", soft_wrap=True)
+    console.print("Prefect UI: .venv/bin/prefect server start   -> http://127.0.0.1:4200 "
+                  "(run with PREFECT_API_URL=http://127.0.0.1:4200/api to keep flow runs there)", soft_wrap=True)
 
 
 def main(
@@ -190,6 +227,7 @@ def main(
     register: bool = typer.Option(True, help="register the student in MLflow (alias challenger)"),
     promote: bool = typer.Option(False, help="then run the promotion rule (challenger -> champion?)"),
     gpu_dispatch: str = typer.Option("local", help="local | deployment (GPU stages on the gpu work pool)"),
+    baselines: str = typer.Option("", help="comma-separated methods to distil too for comparison, e.g. none,kd"),
 ) -> None:
     """Run the pipeline flow (bad input ends with one message and exit code 2 before any stage runs)."""
     common.configure_logging()
@@ -202,10 +240,13 @@ def main(
         if gpu_dispatch not in ("local", "deployment"):
             raise common.StageInputError(f"--gpu-dispatch must be local or deployment, got {gpu_dispatch!r}")
         validate_inputs(root)
+        baseline_list = [m.strip() for m in baselines.split(",") if m.strip()]
+        check_baselines(root, baseline_list)
     except common.StageInputError as err:
         logger.error("%s", err)
         raise typer.Exit(2) from None
-    _print_summary(pipeline(str(root), register_model=register, promote=promote, gpu_dispatch=gpu_dispatch))
+    _print_summary(pipeline(str(root), register_model=register, promote=promote, gpu_dispatch=gpu_dispatch,
+                            baselines=baseline_list))
 
 
 if __name__ == "__main__":

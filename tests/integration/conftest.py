@@ -59,7 +59,7 @@ def pipeline_run(pipeline_project: Path, prefect_harness: None) -> dict[str, Any
     from flows.pipeline import pipeline
 
     t0 = time.perf_counter()
-    result = pipeline(str(pipeline_project))
+    result = pipeline(str(pipeline_project), baselines=["none"])  # + the student-alone baseline
     logging.getLogger(__name__).warning("shared pipeline flow run: %.1f s", time.perf_counter() - t0)
     commit_all(pipeline_project, "pipeline outputs")  # a clean baseline for dvc exp run and clones
     return result

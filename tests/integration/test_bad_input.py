@@ -105,3 +105,13 @@ def test_gpu_dispatch_without_dvc_remote_is_refused_up_front(tmp_path: Path, pre
     with pytest.raises(StageInputError, match="dvc remote add"):
         pipeline(str(root), gpu_dispatch="deployment")
     _assert_untouched(root)
+
+
+def test_unknown_baseline_method_is_refused_before_any_work(tmp_path: Path, prefect_harness: None) -> None:
+    from flows.pipeline import pipeline
+    from tasks.common import StageInputError
+
+    root = make_project(tmp_path / "project", {}, init_git=False)
+    with pytest.raises(StageInputError, match="method.name = 'fitnets'"):
+        pipeline(str(root), baselines=["kd", "fitnets"])
+    _assert_untouched(root)

@@ -222,3 +222,20 @@ def test_dvc_cli_exp_run_metrics_plots_params(clone_project) -> None:
     for title in ("Accuracy (teacher and student)", "Distillation weight over training", "Confusion matrix"):
         assert title in html, title
     commit_all(root, "experiment applied")
+
+
+def test_baseline_comparison_uses_the_same_teacher_and_seed(pipeline_run: dict[str, Any],
+                                                            pipeline_project: Path) -> None:
+    import json
+
+    from flows.pipeline import BASELINES_DIR
+
+    comparison = pipeline_run["comparison"]
+    assert set(comparison) == {"teacher", "none", "gompertz"}, comparison  # params.yaml's method + baseline
+    assert all(0.0 <= v <= 1.0 for v in comparison.values())
+    teacher_json = json.loads((pipeline_project / "reports" / "teacher.json").read_text())
+    assert comparison["teacher"] == teacher_json["test_accuracy"]
+    point = pipeline_project / BASELINES_DIR / "none-seed0"
+    report = json.loads((point / "evaluate.json").read_text())
+    assert report["test_accuracy"] == comparison["none"] and (point / "student.pt").is_file()
+    assert pipeline_run["tracking_uri"].startswith("sqlite:///")
