@@ -313,7 +313,7 @@ class Distiller(nn.Module):
         with torch.autocast(device_type=device.type, enabled=False):
             ce = F.cross_entropy(s_logits.float(), y, label_smoothing=self.label_smoothing)
 
-        kd = wass = gm = zero
+        wass = gm = zero
         t_logits: Optional[Tensor] = None
         if self.distill:
             assert self.teacher is not None

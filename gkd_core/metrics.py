@@ -111,7 +111,6 @@ def expected_calibration_error(logits: Tensor, y: Tensor, n_bins: int = 15) -> f
     correct = (preds == y).double()
     inner = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=logits.device)[1:-1]
     bins = torch.bucketize(conf, inner)  # right-closed bins; 0 < conf <= 1
-    count = torch.bincount(bins, minlength=n_bins).double()
     conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
     acc_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
     return float((conf_sum - acc_sum).abs().sum() / logits.shape[0])

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import yaml
 
 from gkd_core.io import atomic_write
+from tasks.stages import CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,28 @@ def run_cli(body: Callable[[], Any], verbose: bool = False) -> None:
 
 _FIRST_COLUMNS = ("epoch", "lr", "weight", "train_total", "train_ce", "train_kd", "train_wasserstein",
                   "train_grad_match", "train_accuracy", "val_accuracy", "val_loss")
+
+
+def checkpoint_path(root: Path, name: str, data: Any) -> Path:
+    """Resume state, keyed by the data's content hash (the engine's fingerprint covers the config)."""
+    return root / CHECKPOINT_DIR / f"{name}-{str(data.meta.get('sha256', 'nohash'))[:16]}.pt"
+
+
+def test_metrics(ev: Mapping[str, Any]) -> dict[str, Any]:
+    """The test-split figures every stage report carries, from ``gkd_core.runner.evaluate_model``'s report."""
+    return {"test_accuracy": ev["accuracy"], "test_top5": ev["top5"], "test_ece": ev["ece"], "test_nll": ev["nll"]}
+
+
+def write_trained_model(root: Path, result: Any, model_cfg: Any, data: Any, metrics: Mapping[str, Any],
+                        out: str | os.PathLike, history_csv: str | os.PathLike, curves_png: str | os.PathLike,
+                        title: str) -> None:
+    """A training stage's outputs: the model file (with its metrics), the per-epoch CSV, the curves PNG."""
+    from gkd_core.runner import save_model
+    from tasks import plots
+
+    save_model(result.model, model_cfg, data, root / out, extra=dict(metrics))
+    write_history_csv(root / history_csv, result.history)
+    plots.plot_learning_curves(result.history, root / curves_png, title)
 
 
 def history_columns(history: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -22,7 +22,6 @@ from tasks import common, plots, tracking
 from tasks.stages import (
     PREPARED, SCHEDULE_CSV, SCHEDULE_PNG, STAGES, STUDENT, STUDENT_CURVES, STUDENT_HISTORY, STUDENT_REPORT, TEACHER,
 )
-from tasks.train_teacher import checkpoint_path
 
 logger = logging.getLogger(__name__)
 STAGE = "distill_student"
@@ -46,7 +45,7 @@ def distill_student(
 ) -> dict[str, Any]:
     """Distil ``params.student`` from the teacher under ``params.method``; write model, metrics, curves."""
     from gkd_core.runner import distill_student as run_distill
-    from gkd_core.runner import evaluate_model, save_model
+    from gkd_core.runner import evaluate_model
     from gkd_core.schedules import build_schedule, plot_schedules
 
     root = Path(root)
@@ -58,7 +57,7 @@ def distill_student(
         teacher, _ = common.load_model_checked(root / teacher_path, "teacher model", "train_teacher")
     schedule_name, schedule_kwargs = params.method.schedule_params()
     schedule = build_schedule(schedule_name, **schedule_kwargs)
-    ckpt = checkpoint_path(root, f"student-{params.method.name}-seed{params.seed}", data)
+    ckpt = common.checkpoint_path(root, f"student-{params.method.name}-seed{params.seed}", data)
     with tracking.stage_run(STAGE, root, parent_run_id, params=params, run_name=run_name,
                             tags={"method": params.method.name, "seed": str(params.seed)}) as run:
         result = run_distill(params, data, teacher, checkpoint_path=ckpt, callbacks=[run.callback])
@@ -66,17 +65,13 @@ def distill_student(
         metrics = {
             **result.summary,
             "model": params.student.model.name,
-            "test_accuracy": test["accuracy"],
-            "test_top5": test["top5"],
-            "test_ece": test["ece"],
+            **common.test_metrics(test),
             "final_weight": result.history[-1].get("weight") if result.history else None,
             "schedule": schedule.state_dict(),
         }
         if "agreement" in test:
             metrics["agreement"] = test["agreement"]
-        save_model(result.model, params.student.model, data, root / out, extra=metrics)
-        common.write_history_csv(root / history_csv, result.history)
-        plots.plot_learning_curves(result.history, root / curves_png,
+        common.write_trained_model(root, result, params.student.model, data, metrics, out, history_csv, curves_png,
                                    f"student {params.student.model.name} [{params.method.name}]")
         plots.write_schedule_csv(schedule, root / schedule_csv)
         plot_schedules([schedule], str(root / schedule_png), title=f"distillation weight: {params.method.name}")

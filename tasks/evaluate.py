@@ -58,10 +58,7 @@ def evaluate(
             "split": ev["split"],
             "n": ev["n"],
             "method": student_meta.get("extra", {}).get("method", params.method.name),
-            "test_accuracy": ev["accuracy"],
-            "test_top5": ev["top5"],
-            "test_ece": ev["ece"],
-            "test_nll": ev["nll"],
+            **common.test_metrics(ev),
             "test_balanced_accuracy": ev["balanced_accuracy"],
             "per_class_accuracy": {c: a for c, a in zip(data.classes, ev["per_class"])},
         }

@@ -16,16 +16,11 @@ import typer
 from prefect import task
 
 from gkd_core.io import write_json
-from tasks import common, plots, tracking
-from tasks.stages import CHECKPOINT_DIR, PREPARED, STAGES, TEACHER, TEACHER_CURVES, TEACHER_HISTORY, TEACHER_REPORT
+from tasks import common, tracking
+from tasks.stages import PREPARED, STAGES, TEACHER, TEACHER_CURVES, TEACHER_HISTORY, TEACHER_REPORT
 
 logger = logging.getLogger(__name__)
 STAGE = "train_teacher"
-
-
-def checkpoint_path(root: Path, name: str, data: Any) -> Path:
-    """Resume state, keyed by the data's content hash (the engine's fingerprint covers the config)."""
-    return root / CHECKPOINT_DIR / f"{name}-{str(data.meta.get('sha256', 'nohash'))[:16]}.pt"
 
 
 def train_teacher(
@@ -40,27 +35,19 @@ def train_teacher(
     root: str | Path = ".",
 ) -> dict[str, Any]:
     """Train ``params.teacher``; write the model, its metrics (incl. test accuracy) and learning curves."""
-    from gkd_core.runner import evaluate_model, save_model
+    from gkd_core.runner import evaluate_model
     from gkd_core.runner import train_teacher as run_train_teacher
 
     root = Path(root)
     params = common.load_checked_params(root / params_path, overrides, check_dataset=False)
     data = common.load_prepared_checked(root / data_path)
-    ckpt = checkpoint_path(root, "teacher", data)
+    ckpt = common.checkpoint_path(root, "teacher", data)
     with tracking.stage_run(STAGE, root, parent_run_id, params=params) as run:
         result = run_train_teacher(params, data, checkpoint_path=ckpt, callbacks=[run.callback])
         test = evaluate_model(result.model, data, "test", device=params.runtime.device)
-        metrics = {
-            **result.summary,
-            "model": params.teacher.model.name,
-            "test_accuracy": test["accuracy"],
-            "test_top5": test["top5"],
-            "test_ece": test["ece"],
-            "test_nll": test["nll"],
-        }
-        save_model(result.model, params.teacher.model, data, root / out, extra=metrics)
-        common.write_history_csv(root / history_csv, result.history)
-        plots.plot_learning_curves(result.history, root / curves_png, f"teacher {params.teacher.model.name}")
+        metrics = {**result.summary, "model": params.teacher.model.name, **common.test_metrics(test)}
+        common.write_trained_model(root, result, params.teacher.model, data, metrics, out, history_csv, curves_png,
+                                   f"teacher {params.teacher.model.name}")
         write_json(root / report, metrics)
         tracking.log_stage_files(run, STAGES[STAGE], paths={
             TEACHER_REPORT: str(report), TEACHER_HISTORY: str(history_csv), TEACHER_CURVES: str(curves_png)})
