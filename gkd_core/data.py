@@ -31,6 +31,7 @@ import json
 import logging
 import lzma
 import math
+import multiprocessing
 import os
 import struct
 import tarfile
@@ -851,6 +852,9 @@ class _EpochState:
             log.warning("loader state saved with seed %s, this loader has seed %s", state["seed"], self.seed)
         self.epoch = int(state["epoch"])
 
+    def close(self) -> None:
+        """Release what iteration holds beyond the data (worker processes); the loader stays usable."""
+
 
 class DeviceLoader(_EpochState):
     """The whole split on ``device`` as uint8; per batch: select rows, flip + crop (:func:`batch_augment`, one
@@ -980,6 +984,21 @@ class _PlannedBatchSampler(Sampler):
             yield [(o[j], f[j], rc[j][0], rc[j][1]) for j in range(lo, hi)]
 
 
+def _worker_context(num_workers: int) -> Optional[str]:
+    """Start DataLoader workers from a clean forkserver, not by forking the caller.
+
+    A forked worker inherits the parent's threads and fork handlers: in a process that has run a Prefect flow
+    such workers die with exit code 1 when they are shut down, and the DataLoader then raises. The
+    forkserver starts from a fresh interpreter and preloads this module (so torch: ~1.7 s once per process);
+    each worker still imports the caller's main module once, as with ``spawn``. The uint8 tensors reach the
+    workers through shared memory, once, since the workers are persistent.
+    """
+    if num_workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    multiprocessing.set_forkserver_preload(["__main__", __name__])  # takes effect when the forkserver first starts
+    return "forkserver"
+
+
 class TorchLoader(_EpochState):
     """The ordinary ``torch.utils.data.DataLoader`` path, batch-for-batch identical to :class:`DeviceLoader`.
 
@@ -1029,6 +1048,7 @@ class TorchLoader(_EpochState):
             pin_memory=self.device.type == "cuda",
             persistent_workers=int(num_workers) > 0,
             generator=torch.Generator().manual_seed(self.seed),
+            multiprocessing_context=_worker_context(int(num_workers)),
         )
 
     @property
@@ -1043,6 +1063,13 @@ class TorchLoader(_EpochState):
         self.epoch += 1
         batches = iter(self._loader)  # the sampler's plan is drawn here, for the epoch just set
         return self._batches(batches)
+
+    def close(self) -> None:
+        """Shut the persistent worker processes down now rather than when the loader is garbage-collected
+        (a worker that failed surfaces here as the DataLoader's RuntimeError). The next ``iter()`` restarts them."""
+        it, self._loader._iterator = self._loader._iterator, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def _batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, ...]]:
         non_blocking = self.device.type == "cuda"

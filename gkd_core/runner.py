@@ -75,13 +75,17 @@ def _train(
         desc, net_cfg.model_dump(), method.model_dump(), params.losses.model_dump(), params.seed,
         data.meta.get("sha256"),
     )
-    result = fit(
-        distiller, train_loader, val_loader, net_cfg.train, device=device,
-        progress_granularity=method.progress, checkpoint_path=checkpoint_path, resume=resume,
-        fingerprint=fingerprint, callbacks=callbacks, amp=rt.amp, channels_last=use_cl,
-        compile=rt.compile is True or (rt.compile == "auto" and device.type == "cuda"),
-        progress_bar=rt.progress_bar, desc=desc, stop_after_epochs=stop_after_epochs,
-    )
+    try:
+        result = fit(
+            distiller, train_loader, val_loader, net_cfg.train, device=device,
+            progress_granularity=method.progress, checkpoint_path=checkpoint_path, resume=resume,
+            fingerprint=fingerprint, callbacks=callbacks, amp=rt.amp, channels_last=use_cl,
+            compile=rt.compile is True or (rt.compile == "auto" and device.type == "cuda"),
+            progress_bar=rt.progress_bar, desc=desc, stop_after_epochs=stop_after_epochs,
+        )
+    finally:
+        train_loader.close()  # worker processes of the DataLoader path end with the run, not at GC
+        val_loader.close()
     distiller.remove_hooks()  # the returned network is plain: no feature hooks left for export/serving
     distiller.attach_teacher_cache(None)
     student = distiller.student.to("cpu").eval()

@@ -516,8 +516,17 @@ def test_torch_loader_with_worker_process():
     x, y, mean, std = toy_split(16, h=8, w=8)
     aug = dict(batch_size=4, shuffle=True, augment=True, crop_padding=2, hflip=True, seed=1)
     dev = collect(DeviceLoader(x, y, mean, std, **aug))
-    tor = collect(TorchLoader(x, y, mean, std, num_workers=1, **aug))
+    loader = TorchLoader(x, y, mean, std, num_workers=1, **aug)
+    tor = collect(loader)
     assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(dev, tor))
+    workers = loader._loader._iterator._workers  # persistent between epochs
+    assert all(w.is_alive() for w in workers)
+    loader.close()
+    assert [w.exitcode for w in workers] == [0]  # a clean shutdown, now rather than at garbage collection
+    loader.set_epoch(0)  # closing releases the workers only: the next iter() starts new ones
+    again = collect(loader)
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(dev, again))
+    loader.close()
 
 
 def test_make_loaders(digits):
