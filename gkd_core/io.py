@@ -46,8 +46,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through a temp file (imported lazily so this module stays torch-free)."""
+    """``torch.save`` through a temp file (imported lazily so this module stays torch-free).
+
+    Saved through a file object, not the temp path: torch names the zip records after the file it is given,
+    and a random temp name would make every save of the same object differ in its bytes (DVC would then
+    see a changed output, and rerun everything downstream, after a forced rerun of a deterministic stage).
+    """
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)

@@ -197,6 +197,18 @@ def test_changed_param_reruns_only_downstream_stages(clone_project, change: dict
         assert repo.reproduce() == []
 
 
+def test_forced_rerun_of_a_deterministic_stage_changes_nothing_downstream(clone_project) -> None:
+    """The README's recipe after raw data changed: `dvc repro -f -s prepare_data && dvc repro`. With the
+    same data the prepared file comes out byte-identical, so nothing downstream reruns."""
+    root = clone_project()
+    before = (root / "data" / "prepared.pt").read_bytes()
+    forced = run([sys.executable, "-m", "dvc", "repro", "-f", "-s", "prepare_data"], root)
+    assert "Running stage 'prepare_data'" in forced.stdout + forced.stderr
+    assert (root / "data" / "prepared.pt").read_bytes() == before
+    after = run([sys.executable, "-m", "dvc", "repro"], root)
+    assert "Running stage" not in after.stdout + after.stderr, after.stdout
+
+
 def test_dvc_cli_exp_run_metrics_plots_params(clone_project) -> None:
     """`dvc exp run -S` with a distillation param reruns distill_student and what follows, nothing upstream;
     `dvc params diff`, `dvc metrics show`, `dvc exp show` and `dvc plots show` read the declared files."""
