@@ -346,16 +346,23 @@ def _train_cfg(s: Settings, augment: bool) -> TrainConfig:
                        augment=augment, crop_padding=4, hflip=True)
 
 
-def run_reference(spec: Spec, data: PreparedData, teacher_state: dict[str, torch.Tensor], s: Settings,
-                  device: torch.device, num_classes: int) -> Measurement:
-    """Configuration (a) or reference teacher training: the loop above, fp32, DataLoader workers."""
-    _reset_device(device)
+def _models(spec: Spec, data: PreparedData, teacher_state: dict[str, torch.Tensor], s: Settings,
+            num_classes: int) -> tuple[nn.Module, Optional[nn.Module]]:
+    """The network to train (the teacher architecture for teacher training) and the frozen teacher, if any."""
     arch = s.teacher if spec.teacher_training else s.student
     student = build_model(arch, num_classes=num_classes, in_channels=data.in_channels)
     teacher = None
     if not spec.teacher_training:
         teacher = build_model(s.teacher, num_classes=num_classes, in_channels=data.in_channels)
         teacher.load_state_dict(teacher_state)
+    return student, teacher
+
+
+def run_reference(spec: Spec, data: PreparedData, teacher_state: dict[str, torch.Tensor], s: Settings,
+                  device: torch.device, num_classes: int) -> Measurement:
+    """Configuration (a) or reference teacher training: the loop above, fp32, DataLoader workers."""
+    _reset_device(device)
+    student, teacher = _models(spec, data, teacher_state, s, num_classes)
     loader = reference_loader(data, s.batch, s.workers, augment=spec.augment, seed=s.seed)
     rows = reference_train(student, teacher, loader, s.warmup_epochs + s.epochs, _train_cfg(s, spec.augment),
                            device, s.temperature)
@@ -370,12 +377,8 @@ def run_fast(spec: Spec, data: PreparedData, teacher_state: dict[str, torch.Tens
     """Configurations (b)-(e) and fast teacher training: ``gkd_core.engine.fit`` on a ``DeviceLoader``."""
     _reset_device(device)
     opts = _resolved(s, device)
-    arch = s.teacher if spec.teacher_training else s.student
-    student = build_model(arch, num_classes=num_classes, in_channels=data.in_channels)
-    teacher = None
-    if not spec.teacher_training:
-        teacher = build_model(s.teacher, num_classes=num_classes, in_channels=data.in_channels)
-        teacher.load_state_dict(teacher_state)
+    student, teacher = _models(spec, data, teacher_state, s, num_classes)
+    if teacher is not None:
         teacher.to(device)
     method = MethodConfig(name="none" if spec.teacher_training else "kd")
     losses = LossesConfig(
