@@ -60,10 +60,9 @@ from gkd_core.data import (  # noqa: E402
     prepare_dataset,
     save_prepared,
 )
-from gkd_core.distiller import build_distiller, compute_teacher_cache  # noqa: E402
-from gkd_core.engine import fit, lr_factor, resolve_device, seed_everything  # noqa: E402
+from gkd_core.methods import build_distiller, compute_teacher_cache  # noqa: E402
+from gkd_core.engine import FitOptions, fit, lr_factor, resolve_device, seed_everything  # noqa: E402
 from gkd_core.models import build_model  # noqa: E402
-from gkd_core.schedules import build_schedule  # noqa: E402
 
 logger = logging.getLogger("gpu_throughput")
 
@@ -385,9 +384,7 @@ def run_fast(spec: Spec, data: PreparedData, teacher_state: dict[str, torch.Tens
         temperature=s.temperature, kd_weight=1.0, wasserstein_weight=spec.wasserstein,
         grad_match_weight=spec.grad_match, grad_match={"variant": "input", "every": spec.gm_every},
     )
-    schedule_name, schedule_kwargs = method.schedule_params()
-    distiller = build_distiller(method, losses, student, teacher, build_schedule(schedule_name, **schedule_kwargs),
-                                seed=s.seed)
+    distiller = build_distiller(method, losses, student, teacher, seed=s.seed)
     cfg = _train_cfg(s, spec.augment)
     train_loader, _, _ = make_loaders(data, cfg, "device", device, seed=s.seed,
                                       channels_last=opts["channels_last"], with_index=spec.cache_teacher)
@@ -404,8 +401,9 @@ def run_fast(spec: Spec, data: PreparedData, teacher_state: dict[str, torch.Tens
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         cache_seconds = time.perf_counter() - t0
-    result = fit(distiller, train_loader, None, cfg, device=device, amp=opts["amp"],
-                 channels_last=opts["channels_last"], compile=opts["compile"], progress_bar=False, desc=spec.name)
+    result = fit(distiller, train_loader, None, cfg,
+                 FitOptions(device=device, amp=opts["amp"], channels_last=opts["channels_last"],
+                            compile=opts["compile"], progress_bar=False, desc=spec.name))
     rows = [{"seconds": r["seconds"], "images": round(r["images_per_second"] * r["seconds"])} for r in result.history]
     extra = {**opts, "final_train_loss": result.history[-1]["train_total"]}
     if spec.cache_teacher:

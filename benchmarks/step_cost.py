@@ -22,10 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gkd_core.config import LossesConfig, MethodConfig, TrainConfig  # noqa: E402
-from gkd_core.distiller import build_distiller  # noqa: E402
 from gkd_core.engine import build_optimizer, resolve_device  # noqa: E402
+from gkd_core.methods import build_distiller  # noqa: E402
 from gkd_core.models import build_model  # noqa: E402
-from gkd_core.schedules import build_schedule  # noqa: E402
 
 logger = logging.getLogger("step_cost")
 
@@ -43,9 +42,7 @@ def make_step(cfg: dict, teacher, student_name: str, num_classes: int, device, a
     losses = LossesConfig(wasserstein_weight=cfg.get("w", 0.0), grad_match_weight=cfg.get("g", 0.0),
                           grad_match={"every": cfg.get("every", 1)})
     method = MethodConfig(name=cfg["method"])
-    name, kwargs = method.schedule_params()
-    distiller = build_distiller(method, losses, student, teacher if cfg["method"] != "none" else None,
-                                build_schedule(name, **kwargs)).to(device)
+    distiller = build_distiller(method, losses, student, teacher if cfg["method"] != "none" else None).to(device)
     if channels_last:
         distiller.student.to(memory_format=torch.channels_last)
     opt = build_optimizer(list(distiller.trainable_parameters()), TrainConfig(), device)

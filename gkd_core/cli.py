@@ -180,7 +180,8 @@ def schedules(params_path: Path = ParamsOpt, out: Path = typer.Option(Path("repo
               overrides: Optional[list[str]] = Overrides) -> None:
     """Plot every schedule with the configured parameters (PNG)."""
     from gkd_core.config import ConfigError, load_params
-    from gkd_core.schedules import build_schedule, plot_schedules
+    from gkd_core.methods import method_schedule
+    from gkd_core.schedules import plot_schedules
 
     def body() -> None:
         try:
@@ -189,8 +190,7 @@ def schedules(params_path: Path = ParamsOpt, out: Path = typer.Option(Path("repo
             raise UserError(str(err)) from None
         curves = []
         for name in ("kd", "linear", "cosine", "logistic", "gompertz"):
-            sname, kwargs = params.method.model_copy(update={"name": name}).schedule_params()
-            curves.append(build_schedule(sname, **kwargs))
+            curves.append(method_schedule(params.method.model_copy(update={"name": name})))
         plot_schedules(curves, str(out))
         logger.info("wrote %s", out)
 

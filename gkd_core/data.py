@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gkd_core.config import DatasetConfig, TrainConfig
+from gkd_core.sections import DatasetConfig, TrainConfig
 from gkd_core.io import torch_save
 
 log = logging.getLogger(__name__)

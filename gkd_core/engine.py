@@ -1,17 +1,22 @@
 """The one training loop, for teachers and students alike.
 
-Read it top to bottom: ``fit`` builds the optimizer and LR schedule, optionally resumes from a full-state
-checkpoint, then runs epochs of ``distiller(x, y, progress) -> dict`` / backward / step. Per-step loss
-terms are accumulated on the device and read once per epoch (plus a cheap finiteness flag every
-``guard_every`` steps), so on a GPU the hot loop does not wait on the host.
+``fit(trainable, train_loader, val_loader, train_cfg, options)`` trains anything that keeps the
+:class:`Trainable` contract: an ``nn.Module`` called as ``trainable(x, y, progress=p, step=s[, index=idx])``
+that returns a dict of 0-dim tensors holding at least ``total`` (the loss to backward) and ``logits``, and
+names the scalars it wants averaged per epoch (``metric_names``). A distillation method
+(:class:`gkd_core.methods.Distiller`) keeps it; so does a teacher trained alone (method ``none``). The loop
+never looks at which method it runs.
 
-A teacher is trained with a Distiller whose teacher is None (method ``none``): one loop for both.
+Per-step scalars are accumulated on the device and read once per epoch (plus a cheap finiteness flag every
+``guard_every`` steps), so on a GPU the hot loop does not wait on the host. Checkpoints (:func:`save_checkpoint`,
+:func:`load_checkpoint`, :func:`restore_checkpoint`) hold everything an exact resume needs: the trainable's
+state (its schedule included), optimizer, LR scheduler, loader position, RNG and history.
 
 The fast path on CUDA (see docs/performance.md): batches come from a ``DeviceLoader`` (whole split resident
-as uint8, batched augmentation), the step runs under bf16 autocast, student and teacher are channels_last,
-the optimizer is the fused kernel, ``compile=True`` compiles the student and the (frozen) teacher, and the
-only host reads are the per-epoch metric sums and the finiteness flag. A loader built ``with_index=True``
-yields ``(x, y, idx)``; ``idx`` is passed on as ``distiller(..., index=idx)`` for a cached teacher.
+as uint8, batched augmentation), the step runs under bf16 autocast, every 4-D weight is channels_last, the
+optimizer is the fused kernel, ``compile=True`` asks the trainable to compile its networks, and the only host
+reads are the per-epoch metric sums and the finiteness flag. A loader built ``with_index=True`` yields
+``(x, y, idx)``; ``idx`` is passed on as ``trainable(..., index=idx)`` (a cached teacher reads it).
 """
 
 from __future__ import annotations
@@ -25,27 +30,79 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from gkd_core.config import TrainConfig
 from gkd_core.io import torch_save
+from gkd_core.sections import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[str, float, int], None]
 """Receives every metric once per epoch: ``(name, value, step)`` with step = epoch number (1-based)."""
 
-# Loss terms accumulated per step (their sum is read once per epoch).
-TERMS = ("total", "ce", "kd", "wasserstein", "grad_match", "weight")
-CHECKPOINT_FORMAT = "gkd-checkpoint/1"
+CHECKPOINT_FORMAT = "gkd-checkpoint/2"
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the message names the epoch, step range and terms."""
+
+
+@runtime_checkable
+class Trainable(Protocol):
+    """What :func:`fit` trains (see the module docstring). Besides being an ``nn.Module``:
+
+    - ``metric_names``: output key -> history column, for the scalars averaged per epoch; must include
+      ``total`` (the loss to backward).
+    - ``param_groups(base_lr)``: the optimizer's parameter groups.
+    - ``student``: the network evaluated on the validation split.
+    - ``compile_networks()``: ``torch.compile`` what is worth compiling (asked for with ``compile=True``).
+    - ``training_state()`` / ``load_training_state(state)``: what a checkpoint holds of it (not frozen parts).
+    """
+
+    student: nn.Module
+
+    @property
+    def metric_names(self) -> Mapping[str, str]: ...
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]]: ...
+
+    def compile_networks(self) -> None: ...
+
+    def training_state(self) -> dict[str, Any]: ...
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None: ...
+
+
+@dataclass
+class Checkpointing:
+    """Where :func:`fit` writes its per-epoch checkpoint, and whether a matching one is resumed.
+    ``fingerprint`` identifies the run (:func:`config_fingerprint`): another run's checkpoint is never resumed."""
+
+    path: Path
+    fingerprint: str = ""
+    resume: bool = True
+
+
+@dataclass
+class FitOptions:
+    """How :func:`fit` runs (everything that is not the model, the data or the training recipe)."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: bool = True  # bf16 autocast (CUDA only)
+    channels_last: bool = False
+    compile: bool = False
+    progress: str = "step"  # granularity of the training progress p: step | epoch
+    progress_bar: bool = True
+    desc: str = "train"
+    callbacks: Sequence[Callback] = ()
+    checkpoint: Optional[Checkpointing] = None
+    guard_every: int = 50  # steps between finiteness checks
+    stop_after_epochs: Optional[int] = None  # end early, as a crash would (resume tests, time-boxed runs)
 
 
 @dataclass
@@ -124,33 +181,6 @@ def config_fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _trainable_state(distiller: nn.Module) -> dict[str, torch.Tensor]:
-    """The distiller's state without the frozen teacher (it is a dependency, not part of the run)."""
-    return {k: v for k, v in distiller.state_dict().items() if not k.startswith("teacher.")}
-
-
-def _param_groups(distiller: nn.Module, cfg: TrainConfig) -> Iterable[Any]:
-    groups = getattr(distiller, "param_groups", None)
-    if callable(groups):
-        return groups(cfg.lr)
-    return [p for p in distiller.trainable_parameters()]
-
-
 # --- evaluation --------------------------------------------------------------------------------------
 
 
@@ -188,46 +218,90 @@ def evaluate(
     }
 
 
+# --- checkpoints -------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states in plain types and tensors (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, *, fingerprint: str, epoch: int, trainable: Trainable,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any,
+                    history: list[dict[str, float]]) -> None:
+    """Write the full training state after ``epoch`` epochs, atomically."""
+    torch_save(
+        {
+            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
+            "trainable": trainable.training_state(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "loader": loader.state_dict() if hasattr(loader, "state_dict") else {},
+            "rng": _rng_state(), "history": history,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: str | os.PathLike, fingerprint: str) -> Optional[dict[str, Any]]:
+    """The checkpoint at ``path`` if it exists and belongs to the run ``fingerprint``; else None (a foreign
+    or outdated one is logged and ignored: the run starts fresh and overwrites it)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
+        logger.warning("checkpoint %s belongs to another run configuration; starting fresh", path)
+        return None
+    return state
+
+
+def restore_checkpoint(state: Mapping[str, Any], trainable: Trainable, optimizer: torch.optim.Optimizer,
+                       scheduler: Any, loader: Any) -> tuple[int, list[dict[str, float]]]:
+    """Put a checkpoint's state back; returns ``(epochs done, history)``."""
+    trainable.load_training_state(state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(state["loader"])
+    _set_rng_state(state["rng"])
+    return int(state["epoch"]), list(state["history"])
+
+
 # --- the loop ----------------------------------------------------------------------------------------
 
 
-def fit(
-    distiller: nn.Module,
-    train_loader: Any,
-    val_loader: Any,
-    cfg: TrainConfig,
-    *,
-    device: torch.device,
-    progress_granularity: str = "step",
-    checkpoint_path: str | os.PathLike | None = None,
-    resume: bool = True,
-    fingerprint: str = "",
-    callbacks: Sequence[Callback] = (),
-    amp: bool = True,
-    channels_last: bool = False,
-    compile: bool = False,
-    progress_bar: bool = True,
-    guard_every: int = 50,
-    stop_after_epochs: Optional[int] = None,
-    desc: str = "train",
-) -> FitResult:
-    """Train ``distiller.student`` (and the distiller's own learnable parts) for ``cfg.epochs`` epochs.
+def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConfig,
+        options: Optional[FitOptions] = None) -> FitResult:
+    """Train ``trainable`` for ``cfg.epochs`` epochs (see the module docstring and :class:`FitOptions`).
 
-    A full-state checkpoint (trainable weights, optimizer, LR scheduler, distillation schedule, RNG, data
-    order, history) is written atomically after every epoch when ``checkpoint_path`` is given; with
-    ``resume`` a matching checkpoint (same ``fingerprint``) is continued exactly. ``stop_after_epochs``
-    ends the call early (as a crash would) and exists for resume tests and time-boxed runs.
+    With ``options.checkpoint`` a full-state checkpoint is written atomically after every epoch, and a
+    matching one (same fingerprint) is continued exactly.
     """
-    from tqdm.auto import tqdm
-
-    distiller.to(device)
-    student = distiller.student
-    teacher = getattr(distiller, "teacher", None)
-    if channels_last:
-        # every 4-D weight (student, teacher, CES-KD assistants): a conv whose weight and input formats differ
+    opt = options or FitOptions()
+    device = opt.device
+    trainable.to(device)
+    if opt.channels_last:
+        # every 4-D weight (student, teacher, helper networks): a conv whose weight and input formats differ
         # converts the weight on every call
-        distiller.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(_param_groups(distiller, cfg), cfg, device)
+        trainable.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(trainable.param_groups(cfg.lr), cfg, device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("the training loader yields no batches (batch_size larger than the training split?)")
@@ -237,109 +311,43 @@ def fit(
     )
     history: list[dict[str, float]] = []
     start_epoch, resumed_from = 0, None
-    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    ckpt = opt.checkpoint
+    if ckpt is not None and ckpt.resume:
+        state = load_checkpoint(ckpt.path, ckpt.fingerprint)
+        if state is not None:
+            start_epoch, history = restore_checkpoint(state, trainable, optimizer, scheduler, train_loader)
+            resumed_from = start_epoch
+            logger.info("resumed %s from %s at epoch %d/%d", opt.desc, ckpt.path, start_epoch, cfg.epochs)
+    if opt.compile:
+        trainable.compile_networks()
 
-    if ckpt is not None and resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
-            logger.warning("checkpoint %s belongs to another run configuration; starting fresh", ckpt)
-        else:
-            missing, unexpected = distiller.load_state_dict(state["distiller"], strict=False)
-            bad = [k for k in missing if not k.startswith("teacher.")] + list(unexpected)
-            if bad:
-                raise RuntimeError(f"checkpoint {ckpt} does not match the model: {bad[:5]}")
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            distiller.schedule.load_state_dict(state["schedule"])
-            if hasattr(train_loader, "load_state_dict"):
-                train_loader.load_state_dict(state["loader"])
-            _set_rng_state(state["rng"])
-            history = state["history"]
-            start_epoch = resumed_from = state["epoch"]
-            logger.info("resumed %s from %s at epoch %d/%d", desc, ckpt, start_epoch, cfg.epochs)
-
-    if compile:
-        student.compile()
-        # the teacher's forward is most of a KD step's launches; compile it unless a cache replaces it
-        cached = getattr(distiller, "teacher_cache", None) is not None
-        if teacher is not None and getattr(distiller, "distill", True) and not cached:
-            teacher.compile()
-
-    use_amp = amp and device.type == "cuda"
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=desc, disable=not progress_bar,
+    loss_column = dict(trainable.metric_names)["total"]
+    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=opt.desc, disable=not opt.progress_bar,
                unit="step", leave=False, dynamic_ncols=True)
     n_images, t_train = 0, 0.0
-    last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start_epoch + stop_after_epochs)
+    last_epoch = cfg.epochs if opt.stop_after_epochs is None else min(cfg.epochs, start_epoch + opt.stop_after_epochs)
     try:
         for epoch in range(start_epoch, last_epoch):
-            distiller.train()
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            sums = torch.zeros(len(TERMS) + 1, device=device)  # terms * batch size, correct
-            seen = 0  # host-side: batch sizes are shape metadata, reading them costs no sync
-            bad = torch.zeros((), dtype=torch.bool, device=device)
-            t0 = time.perf_counter()
-            for i, batch in enumerate(train_loader):
-                step = epoch * steps_per_epoch + i
-                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-                # a loader built with_index=True adds the batch's row numbers (for a cached teacher)
-                extra = {"index": batch[2].to(device, non_blocking=True)} if len(batch) > 2 else {}
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                p = progress_at(step, epoch, total_steps, cfg.epochs, progress_granularity)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    out = distiller(x, y, progress=p, step=step, **extra)
-                optimizer.zero_grad(set_to_none=True)
-                out["total"].backward()
-                optimizer.step()
-                scheduler.step()
-                with torch.no_grad():
-                    terms = torch.stack([out[k].detach().float() for k in TERMS])
-                    bad |= ~torch.isfinite(terms[0])
-                    correct = (out["logits"].detach().argmax(1) == y).sum()
-                    sums += torch.cat([terms * len(y), correct.view(1).float()])
-                seen += len(y)
-                if (i + 1) % guard_every == 0 and bool(bad):
-                    _raise_non_finite(epoch, i, out)
-                bar.update(1)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            epoch_seconds = time.perf_counter() - t0
-            totals = sums.tolist()  # the one host read of the epoch
-            if bool(bad) or not math.isfinite(totals[0]):
-                _raise_non_finite(epoch, steps_per_epoch - 1, out)
-            row: dict[str, float] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-            row.update({f"train_{k}" if k != "weight" else "weight": v / seen for k, v in zip(TERMS, totals)})
-            row["train_accuracy"] = totals[len(TERMS)] / seen
-            for key in ("entropy_scale", "alpha", "expert_level"):  # method-specific scalars, last value of the epoch
-                if key in out:
-                    row[key] = float(out[key].detach().float())
+            row, seen, seconds = _run_epoch(trainable, train_loader, optimizer, scheduler, cfg, opt, epoch,
+                                            total_steps, bar)
             has_val = val_loader is not None and len(val_loader) > 0
             if has_val and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                ev = evaluate(student, val_loader, device, amp=amp, channels_last=channels_last)
+                ev = evaluate(trainable.student, val_loader, device, amp=opt.amp, channels_last=opt.channels_last)
                 row["val_accuracy"], row["val_loss"] = ev["accuracy"], ev["loss"]
-            row["seconds"] = epoch_seconds
-            row["images_per_second"] = seen / epoch_seconds if epoch_seconds > 0 else float("nan")
-            n_images += int(seen)
-            t_train += epoch_seconds
+            row["seconds"] = seconds
+            row["images_per_second"] = seen / seconds if seconds > 0 else float("nan")
+            n_images += seen
+            t_train += seconds
             history.append(row)
-            logger.info("%s epoch %d/%d %s", desc, epoch + 1, cfg.epochs, _fmt(row))
-            bar.set_postfix(loss=f"{row['train_total']:.3f}", val=f"{row.get('val_accuracy', float('nan')):.3f}")
-            for cb in callbacks:
+            logger.info("%s epoch %d/%d %s", opt.desc, epoch + 1, cfg.epochs, _fmt(row))
+            bar.set_postfix(loss=f"{row[loss_column]:.3f}", val=f"{row.get('val_accuracy', float('nan')):.3f}")
+            for cb in opt.callbacks:
                 for name, value in row.items():
                     if name != "epoch":
                         cb(name, float(value), epoch + 1)
             if ckpt is not None:
-                torch_save(
-                    {
-                        "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
-                        "distiller": _trainable_state(distiller), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "schedule": distiller.schedule.state_dict(),
-                        "loader": train_loader.state_dict() if hasattr(train_loader, "state_dict") else {},
-                        "rng": _rng_state(), "history": history,
-                    },
-                    ckpt,
-                )
+                save_checkpoint(ckpt.path, fingerprint=ckpt.fingerprint, epoch=epoch + 1, trainable=trainable,
+                                optimizer=optimizer, scheduler=scheduler, loader=train_loader, history=history)
     finally:
         bar.close()
 
@@ -355,15 +363,69 @@ def fit(
     )
 
 
-def _raise_non_finite(epoch: int, step_in_epoch: int, out: dict[str, torch.Tensor]) -> None:
-    parts = ", ".join(f"{k}={float(out[k].detach()):.4g}" for k in TERMS if k in out)
+def _run_epoch(trainable: Trainable, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+               cfg: TrainConfig, opt: FitOptions, epoch: int, total_steps: int,
+               bar: Any) -> tuple[dict[str, float], int, float]:
+    """One epoch of steps; returns the epoch's row (lr, means of ``trainable.metric_names``, accuracy), the
+    number of images seen and the seconds it took."""
+    device = opt.device
+    names = dict(trainable.metric_names)
+    keys = list(names)
+    use_amp = opt.amp and device.type == "cuda"
+    steps_per_epoch = len(loader)
+    trainable.train()
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    sums = torch.zeros(len(keys) + 1, device=device)  # metrics * batch size, correct
+    seen = 0  # host-side: batch sizes are shape metadata, reading them costs no sync
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    out: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    for i, batch in enumerate(loader):
+        step = epoch * steps_per_epoch + i
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        # a loader built with_index=True adds the batch's row numbers (for a cached teacher)
+        extra = {"index": batch[2].to(device, non_blocking=True)} if len(batch) > 2 else {}
+        if opt.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        p = progress_at(step, epoch, total_steps, cfg.epochs, opt.progress)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = trainable(x, y, progress=p, step=step, **extra)
+        optimizer.zero_grad(set_to_none=True)
+        out["total"].backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            values = torch.stack([out[k].detach().float() for k in keys])
+            bad |= ~torch.isfinite(values[0])
+            correct = (out["logits"].detach().argmax(1) == y).sum()
+            sums += torch.cat([values * len(y), correct.view(1).float()])
+        seen += len(y)
+        if (i + 1) % opt.guard_every == 0 and bool(bad):
+            _raise_non_finite(epoch, i, out, keys)
+        bar.update(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    totals = sums.tolist()  # the one host read of the epoch
+    if bool(bad) or not math.isfinite(totals[0]):
+        _raise_non_finite(epoch, steps_per_epoch - 1, out, keys)
+    row: dict[str, float] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+    row.update({names[k]: v / seen for k, v in zip(keys, totals)})
+    row["train_accuracy"] = totals[len(keys)] / seen
+    return row, seen, seconds
+
+
+def _raise_non_finite(epoch: int, step_in_epoch: int, out: Mapping[str, torch.Tensor], keys: Sequence[str]) -> None:
+    parts = ", ".join(f"{k}={float(out[k].detach()):.4g}" for k in keys if k in out)
     raise NonFiniteLossError(
         f"non-finite loss in epoch {epoch + 1} by step {step_in_epoch + 1} (last step: {parts}); "
         "lower the learning rate or the distillation weights, or check the input data"
     )
 
 
-def _fmt(row: dict[str, float]) -> str:
-    keys = ("train_total", "train_ce", "train_kd", "train_wasserstein", "train_grad_match", "weight",
-            "train_accuracy", "val_accuracy")
-    return " ".join(f"{k}={row[k]:.4f}" for k in keys if k in row)
+_NOT_LOGGED = ("epoch", "seconds", "images_per_second")
+
+
+def _fmt(row: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in _NOT_LOGGED)

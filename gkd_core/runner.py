@@ -14,14 +14,22 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from gkd_core.config import MethodConfig, ModelConfig, NetConfig, Params
+from gkd_core.config import MethodConfig, ModelConfig, NetConfig, ParamsBase
 from gkd_core.data import PreparedData, make_loaders
-from gkd_core.distiller import build_distiller, compute_teacher_cache
-from gkd_core.engine import Callback, config_fingerprint, fit, predict, resolve_device, seed_everything
+from gkd_core.engine import (
+    Callback,
+    Checkpointing,
+    FitOptions,
+    config_fingerprint,
+    fit,
+    predict,
+    resolve_device,
+    seed_everything,
+)
+from gkd_core.methods import build_distiller, compute_teacher_cache, method_spec
 from gkd_core.io import torch_save
 from gkd_core.metrics import classification_report
 from gkd_core.models import build_model
-from gkd_core.schedules import build_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -41,21 +49,33 @@ def build_net(model_cfg: ModelConfig, data: PreparedData) -> nn.Module:
 
 
 def _train(
-    params: Params, data: PreparedData, net_cfg: NetConfig, method: MethodConfig, teacher: Optional[nn.Module],
+    params: ParamsBase, data: PreparedData, net_cfg: NetConfig, method: Any, teacher: Optional[nn.Module],
     checkpoint_path: str | Path | None, callbacks: Sequence[Callback], resume: bool, desc: str,
-    stop_after_epochs: Optional[int] = None, assistants: Sequence[nn.Module] = (),
+    stop_after_epochs: Optional[int] = None,
 ) -> RunResult:
+    """Train ``net_cfg``'s network under ``method`` (a ``method`` section; its registry spec decides the rest)."""
     rt = params.runtime
     device = resolve_device(rt.device)
     seed_everything(params.seed, rt.deterministic, device)
     student = build_net(net_cfg.model, data)
-    schedule_name, schedule_kwargs = method.schedule_params()
-    schedule = build_schedule(schedule_name, **schedule_kwargs)
+    spec = method_spec(method.name)
+    if not spec.needs_teacher:
+        teacher = None
     if teacher is not None:
         teacher = teacher.to(device)
-    distiller = build_distiller(method, params.losses, student, teacher, schedule,
+
+    def train_alone(model_cfg: ModelConfig, label: str) -> nn.Module:
+        """A helper network of the method (e.g. a CES-KD assistant): trained alone with CE on the student's
+        budget and seed, never checkpointed."""
+        net = NetConfig(model=model_cfg, train=net_cfg.train)
+        result = _train(params, data, net, _ALONE, None, None, (), False, label)
+        logger.info("%s (%s x%.2g): val %.4f", label, model_cfg.name, model_cfg.width,
+                    result.summary["final_val_accuracy"])
+        return result.model
+
+    distiller = build_distiller(method, params.losses, student, teacher,
                                 label_smoothing=net_cfg.train.label_smoothing, seed=params.seed,
-                                assistants=[a.to(device) for a in assistants])
+                                train_alone=train_alone)
     use_cl = rt.channels_last and device.type == "cuda"
     # validated in config: cache_teacher comes with augmentation off and no input-gradient matching
     cache = rt.cache_teacher and teacher is not None and distiller.distill
@@ -75,14 +95,15 @@ def _train(
         desc, net_cfg.model_dump(), method.model_dump(), params.losses.model_dump(), params.seed,
         data.meta.get("sha256"),
     )
+    options = FitOptions(
+        device=device, amp=rt.amp, channels_last=use_cl,
+        compile=rt.compile is True or (rt.compile == "auto" and device.type == "cuda"),
+        progress=method.progress, progress_bar=rt.progress_bar, desc=desc, callbacks=callbacks,
+        checkpoint=Checkpointing(Path(checkpoint_path), fingerprint, resume) if checkpoint_path else None,
+        stop_after_epochs=stop_after_epochs,
+    )
     try:
-        result = fit(
-            distiller, train_loader, val_loader, net_cfg.train, device=device,
-            progress_granularity=method.progress, checkpoint_path=checkpoint_path, resume=resume,
-            fingerprint=fingerprint, callbacks=callbacks, amp=rt.amp, channels_last=use_cl,
-            compile=rt.compile is True or (rt.compile == "auto" and device.type == "cuda"),
-            progress_bar=rt.progress_bar, desc=desc, stop_after_epochs=stop_after_epochs,
-        )
+        result = fit(distiller, train_loader, val_loader, net_cfg.train, options)
     finally:
         train_loader.close()  # worker processes of the DataLoader path end with the run, not at GC
         val_loader.close()
@@ -107,40 +128,30 @@ def _train(
     return RunResult(model=student, history=result.history, summary=summary)
 
 
+_ALONE = MethodConfig(name="none")  # a network trained alone: cross-entropy, no teacher
+
+
 def train_teacher(
-    params: Params, data: PreparedData, checkpoint_path: str | Path | None = None,
+    params: ParamsBase, data: PreparedData, checkpoint_path: str | Path | None = None,
     callbacks: Sequence[Callback] = (), resume: bool = True, stop_after_epochs: Optional[int] = None,
 ) -> RunResult:
     """Train ``params.teacher`` on the prepared data with cross-entropy alone."""
-    return _train(params, data, params.teacher, MethodConfig(name="none"), None, checkpoint_path, callbacks,
-                  resume, "teacher", stop_after_epochs)
+    return _train(params, data, params.teacher, _ALONE, None, checkpoint_path, callbacks, resume, "teacher",
+                  stop_after_epochs)
 
 
 def distill_student(
-    params: Params, data: PreparedData, teacher: Optional[nn.Module], checkpoint_path: str | Path | None = None,
-    callbacks: Sequence[Callback] = (), resume: bool = True, method: Optional[MethodConfig] = None,
+    params: ParamsBase, data: PreparedData, teacher: Optional[nn.Module], checkpoint_path: str | Path | None = None,
+    callbacks: Sequence[Callback] = (), resume: bool = True, method: Any = None,
     stop_after_epochs: Optional[int] = None,
 ) -> RunResult:
-    """Train ``params.student`` under ``params.method`` (or ``method``) with the frozen ``teacher``."""
+    """Train ``params.student`` under ``params.method`` (or ``method``, another ``method`` section) with the
+    frozen ``teacher`` (ignored by a method that trains the student alone)."""
     method = method or params.method
-    if method.name != "none" and teacher is None:
+    if method_spec(method.name).needs_teacher and teacher is None:
         raise ValueError(f"method {method.name!r} needs a teacher model")
-    assistants = train_assistants(params, data, method) if method.name == "ces_kd" else []
-    return _train(params, data, params.student, method, teacher if method.name != "none" else None,
-                  checkpoint_path, callbacks, resume, f"student[{method.name}]", stop_after_epochs,
-                  assistants=assistants)
-
-
-def train_assistants(params: Params, data: PreparedData, method: MethodConfig) -> list[nn.Module]:
-    """CES-KD's teacher-assistant ladder: each assistant trained alone (CE) on the student's budget."""
-    ladder = []
-    for i, model_cfg in enumerate(method.ces_kd.assistants):
-        net = NetConfig(model=model_cfg, train=params.student.train)
-        result = _train(params, data, net, MethodConfig(name="none"), None, None, (), False, f"assistant[{i}]")
-        logger.info("assistant %d (%s x%.2g): val %.4f", i, model_cfg.name, model_cfg.width,
-                    result.summary["final_val_accuracy"])
-        ladder.append(result.model)
-    return ladder
+    return _train(params, data, params.student, method, teacher, checkpoint_path, callbacks, resume,
+                  f"student[{method.name}]", stop_after_epochs)
 
 
 def save_model(model: nn.Module, model_cfg: ModelConfig, data: PreparedData, path: str | Path,

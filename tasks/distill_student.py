@@ -46,7 +46,8 @@ def distill_student(
     """Distil ``params.student`` from the teacher under ``params.method``; write model, metrics, curves."""
     from gkd_core.runner import distill_student as run_distill
     from gkd_core.runner import evaluate_model
-    from gkd_core.schedules import build_schedule, plot_schedules
+    from gkd_core.methods import method_schedule
+    from gkd_core.schedules import plot_schedules
 
     root = Path(root)
     params = common.load_checked_params(root / params_path, overrides, check_dataset=False)
@@ -55,8 +56,7 @@ def distill_student(
     teacher = None
     if params.method.name != "none":
         teacher, _ = common.load_model_checked(root / teacher_path, "teacher model", "train_teacher")
-    schedule_name, schedule_kwargs = params.method.schedule_params()
-    schedule = build_schedule(schedule_name, **schedule_kwargs)
+    schedule = method_schedule(params.method)
     ckpt = common.checkpoint_path(root, f"student-{params.method.name}-seed{params.seed}", data)
     with tracking.stage_run(STAGE, root, parent_run_id, params=params, run_name=run_name,
                             tags={"method": params.method.name, "seed": str(params.seed)}) as run:

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from gkd_core.config import ConfigError, Params, load_params, validate_params
-from gkd_core.schedules import build_schedule
+from gkd_core.methods import method_schedule
 
 MINIMAL = {"teacher": {"model": {"name": "digits_cnn", "width": 2.0}}, "student": {"model": {"name": "digits_cnn"}}}
 
@@ -92,8 +92,7 @@ def test_dotted_overrides(tmp_path):
 @pytest.mark.parametrize("method", ["none", "kd", "linear", "cosine", "logistic", "gompertz", "dynamic_kd", "akd", "ces_kd"])
 def test_every_method_maps_to_a_schedule(method):
     params = validate_params({**MINIMAL, "method": {"name": method}})
-    name, kwargs = params.method.schedule_params()
-    s = build_schedule(name, **kwargs)
+    s = method_schedule(params.method)
     assert 0.0 <= s.weight(0.5) <= 100.0
     if method == "none":
         assert not s.enabled

@@ -7,8 +7,8 @@ import torch
 
 from gkd_core.config import ConfigError, LossesConfig, TrainConfig, validate_params
 from gkd_core.data import DeviceLoader, PreparedData, TorchLoader, channel_stats, normalise, prepare_dataset
-from gkd_core.distiller import Distiller, TeacherCache, compute_teacher_cache
-from gkd_core.engine import fit
+from gkd_core.engine import FitOptions, fit
+from gkd_core.methods import Distiller, TeacherCache, compute_teacher_cache
 from gkd_core.models import build_model
 from gkd_core.runner import distill_student
 from gkd_core.schedules import ConstantSchedule
@@ -121,7 +121,7 @@ def test_engine_passes_row_numbers_and_matches_the_uncached_fit(images):
         if cached:
             d.attach_teacher_cache(compute_teacher_cache(teacher, x, mean, std, "cpu"))
         calls, handle = count_calls(teacher)
-        result = fit(d, loader(images), None, cfg, device=torch.device("cpu"), progress_bar=False)
+        result = fit(d, loader(images), None, cfg, FitOptions(progress_bar=False))
         handle.remove()
         histories[cached] = (result.history, len(calls))
     (online, online_calls), (cached, cached_calls) = histories[False], histories[True]
@@ -134,8 +134,8 @@ def test_engine_passes_row_numbers_and_matches_the_uncached_fit(images):
 def test_fit_puts_the_teacher_in_channels_last_too(images):
     teacher = make_teacher()
     d = make_distiller(teacher)
-    fit(d, loader(images), None, TrainConfig(epochs=1, batch_size=16, augment=False), device=torch.device("cpu"),
-        channels_last=True, progress_bar=False)
+    fit(d, loader(images), None, TrainConfig(epochs=1, batch_size=16, augment=False),
+        FitOptions(channels_last=True, progress_bar=False))
     conv = teacher.features[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
 

@@ -5,16 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gkd_core.config import AKDParams, DynamicKDParams, LossesConfig, MethodConfig
-from gkd_core.distiller import (
-    DISTILLERS,
-    AKDDistiller,
-    CESKDDistiller,
-    Distiller,
-    DynamicKDDistiller,
-    build_distiller,
-    expert_index,
-)
+from gkd_core.config import LossesConfig, MethodConfig
+from gkd_core.methods import METHODS, TERMS, Distiller, MethodSpec, build_distiller
+from gkd_core.methods.akd import AKDDistiller, AKDParams
+from gkd_core.methods.ces_kd import CESKDDistiller, expert_index
+from gkd_core.methods.dynamic_kd import DynamicKDDistiller, DynamicKDParams
 from gkd_core.losses import kd_loss
 from gkd_core.models import build_model
 from gkd_core.schedules import ConstantSchedule, GompertzSchedule, NoSchedule
@@ -64,9 +59,25 @@ def recompute_total(out, c: LossesConfig):
     )
 
 
-def test_registry_is_a_plain_dict():
-    assert DISTILLERS == {"standard": Distiller, "dynamic_kd": DynamicKDDistiller, "akd": AKDDistiller,
-                          "ces_kd": CESKDDistiller}
+def test_registry_is_a_plain_dict_of_specs():
+    assert type(METHODS) is dict and all(isinstance(s, MethodSpec) and s.name == n for n, s in METHODS.items())
+    assert list(METHODS) == ["none", "kd", "linear", "cosine", "logistic", "gompertz", "dynamic_kd", "akd", "ces_kd"]
+    classes = {n: s.distiller for n, s in METHODS.items()}
+    assert classes["dynamic_kd"] is DynamicKDDistiller and classes["akd"] is AKDDistiller
+    assert classes["ces_kd"] is CESKDDistiller and classes["gompertz"] is Distiller
+    assert METHODS["none"].terms == () and not METHODS["none"].needs_teacher
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in ("none", "ces_kd")])
+def test_each_method_reports_what_its_spec_declares(name):
+    spec = METHODS[name]
+    student, teacher, x, y = make()
+    d = build_distiller(MethodConfig(name=name), cfg(), student, teacher, seed=0)
+    out = d(x, y, progress=0.5)
+    assert set(out) == KEYS | set(spec.metrics)
+    assert set(d.metric_names) == {"total", "ce", *TERMS, "weight", *spec.metrics}
+    for term in TERMS:
+        assert (out[term].item() != 0.0) == (term in spec.terms), term
 
 
 def test_output_keys_total_formula_and_weight():
@@ -230,7 +241,7 @@ def test_dynamic_kd_controller_learns_from_kd_only():
     student, teacher, x, y = make()
     c = cfg(w=0.0, gm=0.0)
     params = DynamicKDParams(a=0.7, controller_lr_scale=3.0)
-    d = DynamicKDDistiller(student, teacher, ConstantSchedule(a=0.7), c, params)
+    d = DynamicKDDistiller(student, teacher, ConstantSchedule(a=0.7), c, params=params)
     with torch.no_grad():
         d.log_c.fill_(0.4)
     out = d(x, y, progress=0.5)
@@ -265,7 +276,7 @@ def test_dynamic_kd_controller_learns_from_kd_only():
 def test_akd_alpha_cam_and_gradients():
     student, teacher, x, y = make()
     c = cfg(w=0.0, gm=0.0)
-    d = AKDDistiller(student, teacher, ConstantSchedule(a=1.0), c, AKDParams(beta=2.0, cam_hidden=8))
+    d = AKDDistiller(student, teacher, ConstantSchedule(a=1.0), c, params=AKDParams(beta=2.0, cam_hidden=8))
     out = d(x, y, progress=0.5)
     assert {"alpha", "cam"} <= set(out) and torch.isfinite(out["total"])
     zs, zt = student(x).detach(), teacher(x).detach()
@@ -309,15 +320,15 @@ def test_build_distiller_picks_the_class_and_checks_the_teacher():
     losses = cfg()
     expected = {"gompertz": Distiller, "kd": Distiller, "dynamic_kd": DynamicKDDistiller, "akd": AKDDistiller}
     for name, cls in expected.items():
-        d = build_distiller(MethodConfig(name=name), losses, student, teacher, ConstantSchedule(), seed=1)
+        d = build_distiller(MethodConfig(name=name), losses, student, teacher, schedule=ConstantSchedule(), seed=1)
         assert type(d) is cls
-    d = build_distiller(MethodConfig(name="none"), losses, student, None, NoSchedule())
-    assert type(d) is Distiller and d.teacher is None
+    d = build_distiller(MethodConfig(name="none"), losses, student, None)
+    assert type(d) is Distiller and d.teacher is None and isinstance(d.schedule, NoSchedule)
     for name in ("gompertz", "dynamic_kd", "akd"):
         with pytest.raises(ValueError, match="teacher"):
-            build_distiller(MethodConfig(name=name), losses, student, None, ConstantSchedule())
+            build_distiller(MethodConfig(name=name), losses, student, None)
     d = build_distiller(MethodConfig(name="dynamic_kd", dynamic_kd={"controller_lr_scale": 2.0}), losses, student,
-                        teacher, ConstantSchedule())
+                        teacher)
     assert d.param_groups(1.0)[-1]["lr"] == pytest.approx(2.0)
 
 
@@ -359,8 +370,10 @@ def test_ceskd_distiller_uses_assistants_and_trains_student_only():
     assistant = build_model("digits_cnn", 10, 1, width=1.0)
     calls = []
     assistant.register_forward_hook(lambda *a: calls.append(1))
+    trained = []
     d = build_distiller(MethodConfig(name="ces_kd"), LossesConfig(wasserstein_weight=0.0, grad_match_weight=0.0),
-                        student, teacher, ConstantSchedule(a=1.0), assistants=[assistant])
+                        student, teacher, train_alone=lambda model_cfg, label: trained.append(label) or assistant)
+    assert trained == ["assistant[0]"]  # one assistant per entry of method.ces_kd.assistants
     d.train()
     assert not assistant.training and not teacher.training
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
@@ -379,5 +392,45 @@ def test_ceskd_distiller_uses_assistants_and_trains_student_only():
 
 def test_ceskd_without_assistants_is_refused():
     with pytest.raises(ValueError, match="assistant"):
+        CESKDDistiller(build_model("digits_cnn", 10, 1), build_model("digits_cnn", 10, 1), ConstantSchedule())
+    with pytest.raises(ValueError, match="train_alone"):  # nothing to train the ladder with
         build_distiller(MethodConfig(name="ces_kd"), LossesConfig(), build_model("digits_cnn", 10, 1),
-                        build_model("digits_cnn", 10, 1), ConstantSchedule())
+                        build_model("digits_cnn", 10, 1))
+
+
+# --- adding a method ---------------------------------------------------------------------------------
+
+
+def test_a_new_method_is_one_module_plus_one_registry_line(monkeypatch, tmp_path):
+    """The registry is the only dispatch: config, runner and engine take a new method without edits."""
+    import toy_method
+
+    from gkd_core.config import ConfigError, validate_params
+    from gkd_core.data import prepare_dataset
+    from gkd_core.runner import distill_student, train_teacher
+
+    monkeypatch.setitem(METHODS, "toy", toy_method.SPEC)
+    train = {"epochs": 1, "batch_size": 64, "lr": 0.05}
+    raw = {
+        "dataset": {"name": "digits", "limit": 200},
+        "teacher": {"model": {"name": "digits_cnn"}, "train": train},
+        "student": {"model": {"name": "digits_cnn", "width": 0.5}, "train": train},
+        "method": {"name": "toy", "toy": {"a": 0.25}},
+        "runtime": {"device": "cpu", "progress_bar": False},
+    }
+    params = validate_params(raw)
+    assert params.method.toy.a == 0.25 and params.method.toy.sharpen == 2.0  # the block, with its defaults
+    with pytest.raises(ConfigError, match=r"method\.toy\.sharpen = -1: Input should be greater than 0"):
+        validate_params({**raw, "method": {"name": "toy", "toy": {"sharpen": -1}}})
+
+    data = prepare_dataset(params.dataset, params.seed)
+    teacher = train_teacher(params, data).model
+    result = distill_student(params, data, teacher)
+    row = result.history[-1]
+    assert result.summary["method"] == "toy" and row["weight"] == 0.25
+    assert 0.0 < row["teacher_confidence"] <= 1.0 and row["train_kd"] > 0
+    assert row["train_wasserstein"] == 0.0 and row["train_grad_match"] == 0.0  # terms it does not use
+
+    monkeypatch.delitem(METHODS, "toy")
+    with pytest.raises(ConfigError, match="method.name = 'toy'"):
+        validate_params(raw)

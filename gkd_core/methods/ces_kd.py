@@ -1,0 +1,104 @@
+"""CES-KD: curriculum-based expert selection (Amara et al., arXiv 2209.07606), as we read it.
+
+The paper publishes no code; what it says: a ladder of teacher assistants (TAs) of decreasing capacity, and
+*one teacher per input image* chosen by how hard the image is, on the hypothesis that a student learns easy
+images better from a low-capacity teacher and hard ones from a high-capacity one, taught gradually.
+
+Our reading, fully vectorised (no per-sample Python):
+
+- The ladder is ``assistants`` (smallest first; each trained alone with CE on the student's budget when the
+  method is built) followed by the main teacher: K experts in all.
+- Difficulty of each image = the main teacher's cross-entropy on it (detached); its rank within the batch
+  gives ``r`` in [0, 1) (0 = easiest).
+- Curriculum pacing: at progress p the top of the ladder that is open is
+  ``u(p) = min(1, 1/K + (1 - 1/K) * p / pace)``: at the start every image learns from the smallest assistant;
+  by ``p = pace`` the whole ladder is open and images spread over it by difficulty.
+- Expert of an image: ``k = min(K - 1, floor(r * u(p) * K))``; its logits replace the teacher's in the KD
+  term. Wasserstein and gradient matching keep using the main teacher (its features and input gradient).
+- The weight w(p) is constant (``method.ces_kd.a``). Reported: ``expert_level``, the batch's mean k / (K - 1).
+
+Cost: one extra frozen forward per assistant per step (no grad).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from gkd_core.losses import kd_loss
+from gkd_core.methods.base import Batch, Distiller, MethodContext, MethodSpec, Objective
+from gkd_core.schedules import ConstantSchedule
+from gkd_core.sections import ModelConfig, Strict
+
+
+class CESKDParams(Strict):
+    """CES-KD: per-image expert from a ladder of teacher assistants (smallest first) + the teacher."""
+
+    a: float = Field(1.0, ge=0.0, le=100.0, description="constant distillation weight")
+    assistants: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig(name="digits_cnn", width=1.0)],
+        min_length=1, max_length=8, description="teacher assistants, smallest first (trained with CE first)",
+    )
+    pace: float = Field(0.5, gt=0.0, le=1.0, description="fraction of training by which the whole ladder is open")
+
+
+def expert_index(difficulty: Tensor, progress: float, n_experts: int, pace: float) -> Tensor:
+    """Per-sample expert index in ``[0, n_experts)``: harder images (higher ``difficulty``) get larger
+    experts, and the ladder opens from the smallest expert to all of them by ``progress == pace``."""
+    b = difficulty.shape[0]
+    rank = difficulty.argsort().argsort().to(torch.float32) / max(b, 1)  # 0 = easiest
+    top = min(1.0, 1.0 / n_experts + (1.0 - 1.0 / n_experts) * progress / pace)
+    return (rank * top * n_experts).floor().long().clamp_(max=n_experts - 1)
+
+
+class CESKDDistiller(Distiller):
+    """Per-image expert selection over ``assistants + [teacher]`` for the KD term (see the module docstring)."""
+
+    params: CESKDParams
+
+    def __init__(self, *args: Any, assistants: Sequence[nn.Module] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params = self.params if self.params is not None else CESKDParams()
+        if self.distill and not assistants:
+            raise ValueError("CES-KD needs at least one teacher assistant (method.ces_kd.assistants)")
+        self.assistants = nn.ModuleList(assistants)
+        for a in self.assistants:
+            a.eval()
+            for p in a.parameters():
+                p.requires_grad_(False)
+
+    @classmethod
+    def from_context(cls, spec: MethodSpec, ctx: MethodContext) -> "CESKDDistiller":
+        params = ctx.params if isinstance(ctx.params, CESKDParams) else CESKDParams()
+        if ctx.train_alone is None:
+            raise ValueError("CES-KD trains its teacher assistants first: the context needs train_alone")
+        assistants = [ctx.train_alone(m, f"assistant[{i}]") for i, m in enumerate(params.assistants)]
+        return cls(ctx.student, ctx.teacher, ctx.schedule, ctx.losses, terms=spec.terms, metrics=spec.metrics,
+                   label_smoothing=ctx.label_smoothing, seed=ctx.seed, params=params, assistants=assistants)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return super().frozen_modules() + list(self.assistants)
+
+    def method_objective(self, batch: Batch) -> Objective:
+        if not self.use_kd:
+            return Objective()
+        t_logits = batch.teacher_logits
+        assert t_logits is not None
+        with torch.no_grad():
+            assistant_logits = torch.stack([a(batch.x) for a in self.assistants])
+        experts = torch.cat([assistant_logits.to(t_logits.dtype), t_logits.unsqueeze(0)])  # (K, B, C)
+        with torch.autocast(device_type=batch.student_logits.device.type, enabled=False):
+            difficulty = nn.functional.cross_entropy(t_logits.float(), batch.y, reduction="none")
+        k = expert_index(difficulty, batch.progress, experts.shape[0], self.params.pace)
+        chosen = experts[k, torch.arange(k.shape[0], device=k.device)]
+        level = k.float().mean() / max(experts.shape[0] - 1, 1)
+        return Objective(terms={"kd": kd_loss(batch.student_logits, chosen, self.losses_cfg.temperature)},
+                         metrics={"expert_level": level.detach()})
+
+
+SPEC = MethodSpec("ces_kd", "CES-KD: per-image expert from a teacher-assistant ladder, opened by a curriculum",
+                  params=CESKDParams, schedule=lambda p: ConstantSchedule(a=p.a), distiller=CESKDDistiller,
+                  metrics=("expert_level",))
