@@ -11,13 +11,13 @@ Modules:
 - :mod:`~gkd_core.data.sources`: the :data:`DATASETS` registry (digits, Fashion-MNIST, CIFAR-10/100) and
   :func:`check_dataset_source`; :mod:`~gkd_core.data.image_folder`: image folders and tar archives.
 - :mod:`~gkd_core.data.prepared`: :class:`PreparedData`, :func:`prepare_dataset`, the cache file.
-- :mod:`~gkd_core.data.augment`: per-epoch plans, batched flip/crop, normalisation.
+- :mod:`~gkd_core.data.augment`: per-epoch plans, batched flip/crop, normalisation (:class:`Normalizer`).
 - :mod:`~gkd_core.data.loaders`: :class:`DeviceLoader`, :class:`TorchLoader`, :func:`make_loaders`.
 
 Every public name is importable from ``gkd_core.data`` itself.
 """
 
-from gkd_core.data.augment import batch_augment, epoch_plan, normalise
+from gkd_core.data.augment import Normalizer, batch_augment, epoch_plan, normalise
 from gkd_core.data.image_folder import (
     ARCHIVE_SUFFIXES,
     IMAGE_EXTENSIONS,
@@ -80,6 +80,7 @@ __all__ = [
     "prepare_dataset",
     "save_prepared",
     # augmentation and normalisation
+    "Normalizer",
     "batch_augment",
     "epoch_plan",
     "normalise",

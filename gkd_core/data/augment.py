@@ -5,12 +5,13 @@ Every epoch's randomness (order, flips, crop offsets) is drawn up front from a C
 for both loaders, on CPU and on CUDA. Augmentation (training split only): ``x -> crop(pad_reflect(flip(x)))``,
 i.e. a random horizontal flip with probability 1/2, then a random ``H x W`` crop of the image reflect-padded
 by ``crop_padding`` on each side (:func:`batch_augment`, one gather for a whole batch). Normalisation:
-``(x / 255 - mean) / std`` in float32 (:func:`normalise`).
+``(x / 255 - mean) / std`` in float32 (:func:`normalise`; :class:`Normalizer` holds ``mean``/``std`` ready on
+the device).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,6 +38,27 @@ def epoch_plan(
 def normalise(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``(x / 255 - mean) / std`` in float32; ``mean``/``std`` shaped ``(1, C, 1, 1)``."""
     return (x_uint8.to(torch.float32) / 255.0 - mean) / std
+
+
+class Normalizer:
+    """:func:`normalise` with ``mean``/``std`` prepared once: float32, shaped ``(1, channels, 1, 1)``, on ``device``.
+
+    ``Normalizer(mean, std, channels, device)(x_uint8)`` is ``(x_uint8 / 255 - mean) / std`` in float32 for a
+    uint8 NCHW tensor on ``device``; ``mean`` and ``std`` are sequences or tensors of ``channels`` values.
+    """
+
+    def __init__(
+        self,
+        mean: Union[Sequence[float], torch.Tensor],
+        std: Union[Sequence[float], torch.Tensor],
+        channels: int,
+        device: Union[str, torch.device] = "cpu",
+    ):
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, channels, 1, 1).to(device)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(1, channels, 1, 1).to(device)
+
+    def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return normalise(x_uint8, self.mean, self.std)
 
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:

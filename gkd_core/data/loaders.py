@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gkd_core.config import TrainConfig
-from gkd_core.data.augment import batch_augment, epoch_plan, normalise
+from gkd_core.data.augment import Normalizer, batch_augment, epoch_plan
 from gkd_core.data.prepared import PreparedData, _describe
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,35 @@ def _seed_of(seed: Union[int, torch.Generator]) -> int:
     return int(seed.initial_seed()) if isinstance(seed, torch.Generator) else int(seed)
 
 
-class _EpochState:
-    """The epoch counter both loaders share: ``epoch`` is the epoch the next ``iter()`` will use."""
+class _LoaderBase:
+    """What both loaders share: the checked split's target ``device``, ``batch_size``, ``seed``, the epoch
+    counter (``epoch`` is the epoch the next ``iter()`` will use), ``with_index``, and :meth:`_output`, which
+    turns a uint8 batch on the device into what iteration yields (normalised, ``dtype``, ``channels_last``)."""
 
-    seed: int
-    epoch: int
+    def __init__(
+        self,
+        x_uint8: torch.Tensor,
+        y: torch.Tensor,
+        mean: Union[Sequence[float], torch.Tensor],
+        std: Union[Sequence[float], torch.Tensor],
+        batch_size: int,
+        augment: bool,
+        crop_padding: int,
+        device: Union[str, torch.device],
+        seed: Union[int, torch.Generator],
+        dtype: torch.dtype,
+        channels_last: bool,
+        with_index: bool,
+    ):
+        _check_split(x_uint8, y, batch_size, augment, crop_padding)
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.seed = _seed_of(seed)
+        self.epoch = 0
+        self.with_index = bool(with_index)
+        self.normalizer = Normalizer(mean, std, x_uint8.shape[1], self.device)
+        self.dtype = dtype
+        self.channels_last = bool(channels_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -66,8 +90,18 @@ class _EpochState:
     def close(self) -> None:
         """Release what iteration holds beyond the data (worker processes); the loader stays usable."""
 
+    def _output(self, xb: torch.Tensor, yb: torch.Tensor, idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``(x, y)``, or ``(x, y, idx)`` with ``with_index``, from a uint8 NCHW batch ``xb`` on the device:
+        ``x`` is ``xb`` normalised (float32), cast to ``dtype``, in channels_last memory format if asked."""
+        x = self.normalizer(xb)
+        if self.dtype != torch.float32:
+            x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x, yb, idx) if self.with_index else (x, yb)
 
-class DeviceLoader(_EpochState):
+
+class DeviceLoader(_LoaderBase):
     """The whole split on ``device`` as uint8; per batch: select rows, flip + crop (:func:`batch_augment`, one
     gather on the uint8 batch, which equals doing it after normalising: it only moves values), normalise.
 
@@ -94,24 +128,16 @@ class DeviceLoader(_EpochState):
         channels_last: bool = False,
         with_index: bool = False,
     ):
-        _check_split(x_uint8, y, batch_size, augment, crop_padding)
-        self.device = torch.device(device)
-        self.with_index = bool(with_index)
+        super().__init__(
+            x_uint8, y, mean, std, batch_size, augment, crop_padding, device, seed, dtype, channels_last, with_index
+        )
         self.x = x_uint8.to(self.device)
         self.y = y.to(self.device, torch.int64)
-        c = x_uint8.shape[1]
-        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, c, 1, 1).to(self.device)
-        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(1, c, 1, 1).to(self.device)
-        self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.augment = bool(augment)
         self.crop_padding = int(crop_padding) if augment else 0
         self.hflip = bool(hflip) and bool(augment)
         self.drop_last = bool(drop_last)
-        self.seed = _seed_of(seed)
-        self.dtype = dtype
-        self.channels_last = bool(channels_last)
-        self.epoch = 0
 
     @property
     def num_samples(self) -> int:
@@ -145,13 +171,7 @@ class DeviceLoader(_EpochState):
                     offsets[sl] if offsets is not None else None,
                     self.crop_padding,
                 )
-            xb = normalise(xb, self.mean, self.std)
-            if self.dtype != torch.float32:
-                xb = xb.to(self.dtype)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yb = self.y.index_select(0, idx)
-            yield (xb, yb, idx) if self.with_index else (xb, yb)
+            yield self._output(xb, self.y.index_select(0, idx), idx)
 
 
 class _PlannedUint8(Dataset):
@@ -200,9 +220,10 @@ def _worker_context(num_workers: int) -> Optional[str]:
 
     A forked worker inherits the parent's threads and fork handlers: in a process that has run a Prefect flow
     such workers die with exit code 1 when they are shut down, and the DataLoader then raises. The
-    forkserver starts from a fresh interpreter and preloads this module (so torch: ~1.7 s once per process);
-    each worker still imports the caller's main module once, as with ``spawn``. The uint8 tensors reach the
-    workers through shared memory, once, since the workers are persistent.
+    forkserver starts from a fresh interpreter and preloads this module, which defines the dataset class the
+    workers unpickle (so torch: ~1.7 s once per process); each worker still imports the caller's main module
+    once, as with ``spawn``. The uint8 tensors reach the workers through shared memory, once, since the workers
+    are persistent.
     """
     if num_workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
         return None
@@ -210,7 +231,7 @@ def _worker_context(num_workers: int) -> Optional[str]:
     return "forkserver"
 
 
-class TorchLoader(_EpochState):
+class TorchLoader(_LoaderBase):
     """The ordinary ``torch.utils.data.DataLoader`` path, batch-for-batch identical to :class:`DeviceLoader`.
 
     Workers flip/crop uint8 samples (the per-epoch plan comes from the sampler in the main process, so worker
@@ -236,17 +257,9 @@ class TorchLoader(_EpochState):
         num_workers: int = 0,
         with_index: bool = False,
     ):
-        _check_split(x_uint8, y, batch_size, augment, crop_padding)
-        self.device = torch.device(device)
-        self.with_index = bool(with_index)
-        c = x_uint8.shape[1]
-        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, c, 1, 1).to(self.device)
-        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(1, c, 1, 1).to(self.device)
-        self.batch_size = int(batch_size)
-        self.seed = _seed_of(seed)
-        self.dtype = dtype
-        self.channels_last = bool(channels_last)
-        self.epoch = 0
+        super().__init__(
+            x_uint8, y, mean, std, batch_size, augment, crop_padding, device, seed, dtype, channels_last, with_index
+        )
         pad = int(crop_padding) if augment else 0
         self._n = int(x_uint8.shape[0])
         self._sampler = _PlannedBatchSampler(
@@ -284,14 +297,9 @@ class TorchLoader(_EpochState):
 
     def _batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, ...]]:
         non_blocking = self.device.type == "cuda"
-        for xb, yb, *rest in batches:
-            xb = normalise(xb.to(self.device, non_blocking=non_blocking), self.mean, self.std)
-            if self.dtype != torch.float32:
-                xb = xb.to(self.dtype)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yb = yb.to(self.device, non_blocking=non_blocking)
-            yield (xb, yb, rest[0].to(self.device, non_blocking=non_blocking)) if rest else (xb, yb)
+        for batch in batches:  # (x, y) or, with_index, (x, y, idx): uint8/int64 on the host
+            xb, yb, *idx = (t.to(self.device, non_blocking=non_blocking) for t in batch)
+            yield self._output(xb, yb, idx[0] if idx else None)
 
 
 Loader = Union[DeviceLoader, TorchLoader]
