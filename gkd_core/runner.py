@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gkd_core.config import MethodConfig, ModelConfig, NetConfig, ParamsBase
-from gkd_core.data import PreparedData, make_loaders
+from gkd_core.data import DeviceLoader, Normalizer, PreparedData, make_loaders
 from gkd_core.engine import (
     Callback,
     Checkpointing,
@@ -201,8 +201,6 @@ def split_tensors(data: PreparedData, split: str) -> tuple[torch.Tensor, torch.T
 def predict_split(model: nn.Module, data: PreparedData, split: str = "test", device: str = "auto",
                   batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a split (normalised with the training statistics, no augmentation)."""
-    from gkd_core.data import DeviceLoader
-
     dev = resolve_device(device)
     x, y = split_tensors(data, split)
     loader = DeviceLoader(x, y, data.mean, data.std, batch_size=batch_size, shuffle=False, augment=False,
@@ -223,8 +221,4 @@ def evaluate_model(model: nn.Module, data: PreparedData, split: str = "test", te
 
 def normalise_images(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 NCHW -> float32 normalised exactly as the loaders do (for export examples and serving)."""
-    from gkd_core.data import normalise
-
-    shape = (1, -1, 1, 1)
-    return normalise(x_uint8, torch.as_tensor(mean, dtype=torch.float32).reshape(shape),
-                     torch.as_tensor(std, dtype=torch.float32).reshape(shape))
+    return Normalizer(mean, std, x_uint8.shape[1], x_uint8.device)(x_uint8)

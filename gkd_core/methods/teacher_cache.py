@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from gkd_core.data import normalise
+from gkd_core.data import Normalizer
 from gkd_core.models import FeatureHook
 
 logger = logging.getLogger(__name__)
@@ -67,16 +67,14 @@ def compute_teacher_cache(
     device = torch.device(device)
     if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
         raise ValueError(f"x_uint8 must be a uint8 NCHW tensor, got {x_uint8.dtype} {tuple(x_uint8.shape)}")
-    c = x_uint8.shape[1]
-    m = torch.as_tensor(mean, dtype=torch.float32).reshape(1, c, 1, 1).to(device)
-    s = torch.as_tensor(std, dtype=torch.float32).reshape(1, c, 1, 1).to(device)
+    normalise = Normalizer(mean, std, x_uint8.shape[1], device)
     teacher.eval()
     hook = FeatureHook(teacher) if features else None
     logits, feats = [], []
     t0 = time.perf_counter()
     try:
         for lo in range(0, x_uint8.shape[0], batch_size):
-            xb = normalise(x_uint8[lo : lo + batch_size].to(device, non_blocking=True), m, s)
+            xb = normalise(x_uint8[lo : lo + batch_size].to(device, non_blocking=True))
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
