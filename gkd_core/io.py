@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import os
 import tempfile
 from pathlib import Path
@@ -56,3 +57,32 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_write(path, "wb") as fh:
         torch.save(obj, fh)
+
+
+class UnsafeFileError(ValueError):
+    """A torch file that is unreadable, or holds more than tensors and plain data (loading it could run code).
+    ``str(err)`` is ``"<path>: <reason>"``; ``err.reason`` the part after the path."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors, numbers, strings, lists, tuples and dicts
+    only, so a file carrying pickled code (a ``__reduce__`` payload, a pickled class) is refused, never run.
+    Raises :class:`UnsafeFileError` with one line naming the file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()
+        detail = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), "")
+        raise UnsafeFileError(
+            path, "refused: the file holds Python objects beyond tensors and plain data, and loading it could "
+            f"run code{f' ({detail[:200]})' if detail else ''}; only files written by gkd are accepted"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for truncated or foreign files
+        first = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else ""
+        raise UnsafeFileError(path, f"not a readable torch file ({type(err).__name__}: {first})") from None

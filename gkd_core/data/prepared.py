@@ -24,7 +24,7 @@ import torch
 from gkd_core.sections import DatasetConfig
 from gkd_core.data.raw import _LIMIT_STREAM, _VAL_STREAM, DatasetError, _rng, stratified_split
 from gkd_core.data.sources import DATASETS, check_dataset_source
-from gkd_core.io import torch_save
+from gkd_core.io import UnsafeFileError, safe_torch_load, torch_save
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +210,10 @@ def load_prepared(path: str | os.PathLike, verify: bool = True) -> PreparedData:
     if not path.is_file():
         raise DatasetError(f"{path}: prepared dataset not found (run the prepare stage first)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch.load raises many kinds on a bad file
-        raise DatasetError(f"{path}: not a readable prepared dataset ({type(err).__name__}: {err})") from None
+        obj = safe_torch_load(path)
+    except UnsafeFileError as err:
+        reason = err.reason.replace("not a readable torch file", "not a readable prepared dataset")
+        raise DatasetError(f"{path}: {reason}") from None
     if not isinstance(obj, dict) or obj.get("format") != PREPARED_FORMAT:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise DatasetError(f"{path}: not a prepared dataset of format {PREPARED_FORMAT} (found {got!r})")
