@@ -379,11 +379,10 @@ def run_fast(spec: Spec, data: PreparedData, teacher_state: dict[str, torch.Tens
     student, teacher = _models(spec, data, teacher_state, s, num_classes)
     if teacher is not None:
         teacher.to(device)
-    method = MethodConfig(name="none" if spec.teacher_training else "kd")
-    losses = LossesConfig(
-        temperature=s.temperature, kd_weight=1.0, wasserstein_weight=spec.wasserstein,
-        grad_match_weight=spec.grad_match, grad_match={"variant": "input", "every": spec.gm_every},
-    )
+    weights = {"kd": 1.0, "wasserstein": spec.wasserstein, "grad_match": spec.grad_match}
+    method = MethodConfig(name="none") if spec.teacher_training else \
+        MethodConfig(name="full_constant", full_constant={"weights": weights})  # KD (+ W, GM when weighted)
+    losses = LossesConfig(temperature=s.temperature, grad_match={"variant": "input", "every": spec.gm_every})
     distiller = build_distiller(method, losses, student, teacher, seed=s.seed)
     cfg = _train_cfg(s, spec.augment)
     train_loader, _, _ = make_loaders(data, cfg, "device", device, seed=s.seed,

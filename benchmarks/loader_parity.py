@@ -62,7 +62,7 @@ def make_params(a: argparse.Namespace, seed: int, loader: str) -> Params:
                     "train": {**train, "epochs": a.teacher_epochs}},
         "student": {"model": {"name": "digits_cnn", "width": a.student_width}, "train": train},
         "method": {"name": "kd", "kd": {"a": 1.0}},
-        "losses": {"temperature": 4.0, "wasserstein_weight": 0.0, "grad_match_weight": 0.0},
+        "losses": {"temperature": 4.0},
         "runtime": {"device": a.device, "loader": loader, "num_workers": a.workers, "compile": a.compile,
                     "progress_bar": False},
     })

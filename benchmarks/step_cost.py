@@ -39,9 +39,11 @@ CONFIGS = {
 
 def make_step(cfg: dict, teacher, student_name: str, num_classes: int, device, amp: bool, channels_last: bool):
     student = build_model(student_name, num_classes=num_classes, in_channels=3).to(device)
-    losses = LossesConfig(wasserstein_weight=cfg.get("w", 0.0), grad_match_weight=cfg.get("g", 0.0),
-                          grad_match={"every": cfg.get("every", 1)})
-    method = MethodConfig(name=cfg["method"])
+    losses = LossesConfig(grad_match={"every": cfg.get("every", 1)})
+    # KD alone is `kd`; KD with W and/or GM is the full objective at a constant weight with those weights
+    method = MethodConfig(name=cfg["method"]) if cfg["method"] != "kd" or not (cfg.get("w") or cfg.get("g")) else \
+        MethodConfig(name="full_constant", full_constant={"weights": {"kd": 1.0, "wasserstein": cfg.get("w", 0.0),
+                                                                      "grad_match": cfg.get("g", 0.0)}})
     distiller = build_distiller(method, losses, student, teacher if cfg["method"] != "none" else None).to(device)
     if channels_last:
         distiller.student.to(memory_format=torch.channels_last)

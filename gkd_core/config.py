@@ -19,8 +19,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
 
-from gkd_core.methods import METHODS, MethodSpec
-from gkd_core.sections import (  # noqa: F401  (re-exported: the configuration's public names)
+from gkd_core.methods import METHODS, MethodSpec, method_weights
+from gkd_core.sections import (
     DATASET_NAMES,
     DatasetConfig,
     ExportConfig,
@@ -35,6 +35,13 @@ from gkd_core.sections import (  # noqa: F401  (re-exported: the configuration's
     TrainConfig,
     WassersteinConfig,
 )
+
+__all__ = [
+    "Params", "ParamsBase", "MethodConfig", "ConfigError", "load_params", "validate_params", "params_model",
+    "format_validation_error", "set_dotted", "DATASET_NAMES", "DatasetConfig", "ExportConfig", "GradMatchConfig",
+    "LossesConfig", "MlflowConfig", "ModelConfig", "NetConfig", "PromoteConfig", "RuntimeConfig", "Strict",
+    "TrainConfig", "WassersteinConfig",
+]
 
 DEFAULT_METHOD = "gompertz"
 
@@ -71,11 +78,13 @@ class ParamsBase(Strict):
         if not self.runtime.cache_teacher:
             return self
         problems = []
-        gm = self.losses.grad_match
-        if self.losses.grad_match_weight > 0 and gm.variant == "input":
+        method = getattr(self, "method", None)
+        gm_weight = method_weights(method).get("grad_match", 0.0) if method is not None else 0.0
+        if gm_weight > 0 and self.losses.grad_match.variant == "input":
             problems.append(
-                "losses.grad_match.variant = 'input' with grad_match_weight > 0 needs the teacher's input "
-                "gradient on every matched step, which cannot be cached (use variant 'logit' or weight 0)"
+                f"method {method.name!r} uses input-gradient matching (losses.grad_match.variant = 'input'), "
+                "which needs the teacher's input gradient on every matched step and cannot be cached "
+                "(use variant 'logit', or a method without gradient matching)"
             )
         tr = self.student.train
         if tr.augment and (tr.crop_padding > 0 or tr.hflip):

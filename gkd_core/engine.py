@@ -25,11 +25,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -37,20 +35,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gkd_core.io import torch_save
+from gkd_core.checkpoints import Checkpointing, load_checkpoint, restore_checkpoint, save_checkpoint
+from gkd_core.guard import NonFiniteGuard, NonFiniteLossError
 from gkd_core.sections import TrainConfig
+
+__all__ = [
+    "Trainable", "FitOptions", "FitResult", "Checkpointing", "NonFiniteLossError", "Callback", "fit", "evaluate",
+    "predict", "resolve_device", "seed_everything", "build_optimizer", "lr_factor", "progress_at",
+    "config_fingerprint",
+]
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[str, float, int], None]
 """Receives every metric once per epoch: ``(name, value, step)`` with step = epoch number (1-based)."""
-
-CHECKPOINT_FORMAT = "gkd-checkpoint/2"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the message names the epoch, step range and terms."""
-
 
 @runtime_checkable
 class Trainable(Protocol):
@@ -62,6 +60,8 @@ class Trainable(Protocol):
     - ``student``: the network evaluated on the validation split.
     - ``compile_networks()``: ``torch.compile`` what is worth compiling (asked for with ``compile=True``).
     - ``training_state()`` / ``load_training_state(state)``: what a checkpoint holds of it (not frozen parts).
+    - ``end_epoch(progress, row)``: told each finished epoch's row (validation included) at its progress, before
+      the checkpoint is written (an adaptive schedule learns from it).
     """
 
     student: nn.Module
@@ -77,15 +77,7 @@ class Trainable(Protocol):
 
     def load_training_state(self, state: Mapping[str, Any]) -> None: ...
 
-
-@dataclass
-class Checkpointing:
-    """Where :func:`fit` writes its per-epoch checkpoint, and whether a matching one is resumed.
-    ``fingerprint`` identifies the run (:func:`config_fingerprint`): another run's checkpoint is never resumed."""
-
-    path: Path
-    fingerprint: str = ""
-    resume: bool = True
+    def end_epoch(self, progress: float, row: Mapping[str, float]) -> None: ...
 
 
 @dataclass
@@ -101,7 +93,8 @@ class FitOptions:
     desc: str = "train"
     callbacks: Sequence[Callback] = ()
     checkpoint: Optional[Checkpointing] = None
-    guard_every: int = 50  # steps between finiteness checks
+    guard: str = "auto"  # finiteness guard: sync (host read per step) | device (fused skip) | auto (see gkd_core.guard)
+    guard_every: int = 50  # device guard: steps between host reads of its flag
     stop_after_epochs: Optional[int] = None  # end early, as a crash would (resume tests, time-boxed runs)
 
 
@@ -114,6 +107,8 @@ class FitResult:
     resumed_from_epoch: Optional[int]
     train_seconds: float
     images_per_second: float
+    best_val_epoch: Optional[int] = None
+    best_state: Optional[dict[str, torch.Tensor]] = None  # the student's weights at the best validation epoch
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -143,9 +138,10 @@ def seed_everything(seed: int, deterministic: bool = True, device: torch.device 
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def build_optimizer(param_groups: Iterable[Any], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW; the fused CUDA kernels when on a GPU."""
-    fused = {"fused": True} if device.type == "cuda" else {}
+def build_optimizer(param_groups: Iterable[Any], cfg: TrainConfig, device: torch.device,
+                    fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW; the fused kernels on a GPU (or when ``fused``)."""
+    fused = {"fused": True} if (device.type == "cuda" if fused is None else fused) else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -218,72 +214,6 @@ def evaluate(
     }
 
 
-# --- checkpoints -------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states in plain types and tensors (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str | os.PathLike, *, fingerprint: str, epoch: int, trainable: Trainable,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any,
-                    history: list[dict[str, float]]) -> None:
-    """Write the full training state after ``epoch`` epochs, atomically."""
-    torch_save(
-        {
-            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
-            "trainable": trainable.training_state(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "loader": loader.state_dict() if hasattr(loader, "state_dict") else {},
-            "rng": _rng_state(), "history": history,
-        },
-        path,
-    )
-
-
-def load_checkpoint(path: str | os.PathLike, fingerprint: str) -> Optional[dict[str, Any]]:
-    """The checkpoint at ``path`` if it exists and belongs to the run ``fingerprint``; else None (a foreign
-    or outdated one is logged and ignored: the run starts fresh and overwrites it)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
-        logger.warning("checkpoint %s belongs to another run configuration; starting fresh", path)
-        return None
-    return state
-
-
-def restore_checkpoint(state: Mapping[str, Any], trainable: Trainable, optimizer: torch.optim.Optimizer,
-                       scheduler: Any, loader: Any) -> tuple[int, list[dict[str, float]]]:
-    """Put a checkpoint's state back; returns ``(epochs done, history)``."""
-    trainable.load_training_state(state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if hasattr(loader, "load_state_dict"):
-        loader.load_state_dict(state["loader"])
-    _set_rng_state(state["rng"])
-    return int(state["epoch"]), list(state["history"])
-
-
 # --- the loop ----------------------------------------------------------------------------------------
 
 
@@ -301,7 +231,9 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
         # every 4-D weight (student, teacher, helper networks): a conv whose weight and input formats differ
         # converts the weight on every call
         trainable.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(trainable.param_groups(cfg.lr), cfg, device)
+    guard_mode = ("device" if device.type == "cuda" else "sync") if opt.guard == "auto" else opt.guard
+    optimizer = build_optimizer(trainable.param_groups(cfg.lr), cfg, device,
+                                fused=True if guard_mode == "device" else None)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("the training loader yields no batches (batch_size larger than the training split?)")
@@ -311,11 +243,13 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
     )
     history: list[dict[str, float]] = []
     start_epoch, resumed_from = 0, None
+    best: dict[str, Any] = {"epoch": None, "accuracy": -math.inf, "state": None}
     ckpt = opt.checkpoint
     if ckpt is not None and ckpt.resume:
         state = load_checkpoint(ckpt.path, ckpt.fingerprint)
         if state is not None:
             start_epoch, history = restore_checkpoint(state, trainable, optimizer, scheduler, train_loader)
+            best = dict(state.get("best") or best)
             resumed_from = start_epoch
             logger.info("resumed %s from %s at epoch %d/%d", opt.desc, ckpt.path, start_epoch, cfg.epochs)
     if opt.compile:
@@ -334,6 +268,10 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
             if has_val and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 ev = evaluate(trainable.student, val_loader, device, amp=opt.amp, channels_last=opt.channels_last)
                 row["val_accuracy"], row["val_loss"] = ev["accuracy"], ev["loss"]
+                if ev["accuracy"] > best["accuracy"]:
+                    best = {"epoch": epoch + 1, "accuracy": ev["accuracy"], "state": _cpu_state(trainable.student)}
+            trainable.end_epoch(progress_at((epoch + 1) * steps_per_epoch - 1, epoch, total_steps, cfg.epochs,
+                                            opt.progress), row)
             row["seconds"] = seconds
             row["images_per_second"] = seen / seconds if seconds > 0 else float("nan")
             n_images += seen
@@ -347,7 +285,8 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
                         cb(name, float(value), epoch + 1)
             if ckpt is not None:
                 save_checkpoint(ckpt.path, fingerprint=ckpt.fingerprint, epoch=epoch + 1, trainable=trainable,
-                                optimizer=optimizer, scheduler=scheduler, loader=train_loader, history=history)
+                                optimizer=optimizer, scheduler=scheduler, loader=train_loader, history=history,
+                                best=best)
     finally:
         bar.close()
 
@@ -357,6 +296,8 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
         best_val_accuracy=max(vals) if vals else float("nan"),
         final_val_accuracy=vals[-1] if vals else float("nan"),
         epochs_run=len(history) - (resumed_from or 0),
+        best_val_epoch=best["epoch"],
+        best_state=best["state"],
         resumed_from_epoch=resumed_from,
         train_seconds=t_train,
         images_per_second=n_images / t_train if t_train > 0 else float("nan"),
@@ -378,7 +319,7 @@ def _run_epoch(trainable: Trainable, loader: Any, optimizer: torch.optim.Optimiz
         loader.set_epoch(epoch)
     sums = torch.zeros(len(keys) + 1, device=device)  # metrics * batch size, correct
     seen = 0  # host-side: batch sizes are shape metadata, reading them costs no sync
-    bad = torch.zeros((), dtype=torch.bool, device=device)
+    guard = NonFiniteGuard(opt.guard, device, keys, trainable.parameters(), optimizer)
     out: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):
@@ -393,35 +334,33 @@ def _run_epoch(trainable: Trainable, loader: Any, optimizer: torch.optim.Optimiz
             out = trainable(x, y, progress=p, step=step, **extra)
         optimizer.zero_grad(set_to_none=True)
         out["total"].backward()
+        with torch.no_grad():
+            guard.before_step(step, out)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
             values = torch.stack([out[k].detach().float() for k in keys])
-            bad |= ~torch.isfinite(values[0])
             correct = (out["logits"].detach().argmax(1) == y).sum()
             sums += torch.cat([values * len(y), correct.view(1).float()])
         seen += len(y)
-        if (i + 1) % opt.guard_every == 0 and bool(bad):
-            _raise_non_finite(epoch, i, out, keys)
+        if (i + 1) % opt.guard_every == 0:
+            guard.check()
         bar.update(1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
+    guard.check()
     totals = sums.tolist()  # the one host read of the epoch
-    if bool(bad) or not math.isfinite(totals[0]):
-        _raise_non_finite(epoch, steps_per_epoch - 1, out, keys)
     row: dict[str, float] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
     row.update({names[k]: v / seen for k, v in zip(keys, totals)})
     row["train_accuracy"] = totals[len(keys)] / seen
     return row, seen, seconds
 
 
-def _raise_non_finite(epoch: int, step_in_epoch: int, out: Mapping[str, torch.Tensor], keys: Sequence[str]) -> None:
-    parts = ", ".join(f"{k}={float(out[k].detach()):.4g}" for k in keys if k in out)
-    raise NonFiniteLossError(
-        f"non-finite loss in epoch {epoch + 1} by step {step_in_epoch + 1} (last step: {parts}); "
-        "lower the learning rate or the distillation weights, or check the input data"
-    )
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of a (possibly compiled) model's weights."""
+    plain = getattr(model, "_orig_mod", model)
+    return {k: v.detach().to("cpu", copy=True) for k, v in plain.state_dict().items()}
 
 
 _NOT_LOGGED = ("epoch", "seconds", "images_per_second")

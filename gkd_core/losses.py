@@ -29,8 +29,10 @@ Conventions (also in docs/method.md):
     Differentiable: POT returns the optimal plan as the gradient w.r.t. the cost.
 
 * **Gradient matching** is ``mean_i (1 - cos(g_s_i, g_t_i))``: scale-free, in [0, 2], zero when the two
-  gradients point the same way. ``input`` variant: gradients of the CE loss w.r.t. the input image
-  (double backward for the student); ``logit`` variant: gradients w.r.t. the logits, ``softmax(z) - onehot(y)``.
+  gradients point the same way. ``input`` variant: the direction of the CE loss's gradient w.r.t. the input
+  image (double backward for the student); ``logit`` variant: w.r.t. the logits. Both directions are taken
+  from the margin ``logsumexp_{j != y} z_j - z_y`` (:func:`margin_loss`), whose gradient points where CE's does
+  but keeps its label component in float32 for confident samples (CE's rounds to 0 beyond a ~17 logit margin).
 """
 
 from __future__ import annotations
@@ -223,10 +225,19 @@ def cosine_distance(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
     return (1.0 - dot / (na * nb)).mean()
 
 
-def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
-    # sum, not mean: per-sample input gradients then do not shrink with the batch size (cosine is scale-free
-    # anyway, but tiny gradients lose precision under bf16 autocast)
-    return F.cross_entropy(logits.float(), y, reduction="sum")
+def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """``sum_i g_i`` with ``g_i = logsumexp_{j != y_i} z_ij - z_i,y_i``: the gradient-matching target.
+
+    ``CE_i = log(1 + exp(g_i))``, so ``dCE_i/d(.) = sigmoid(g_i) * dg_i/d(.)``: the same direction per sample,
+    which is all a cosine compares. Unlike CE's, g's gradient keeps its direction in float32 for very
+    confident samples: ``dCE/dz = softmax(z) - onehot(y)`` loses its label component (``p_y - 1`` rounds to 0
+    once the logit margin reaches ~17) while ``dg/dz_y = -1`` exactly. Summed, not averaged, so per-sample
+    input gradients do not shrink with the batch size.
+    """
+    z = logits.float()
+    target = z.gather(1, y.view(-1, 1)).squeeze(1)
+    others = z.scatter(1, y.view(-1, 1), float("-inf"))
+    return (torch.logsumexp(others, dim=1) - target).sum()
 
 
 def input_gradient_matching(
@@ -239,7 +250,8 @@ def input_gradient_matching(
 ) -> Tensor:
     """``mean_i (1 - cos(dCE_s/dx_i, dCE_t/dx_i))``: input-gradient (saliency) matching, Srinivas & Fleuret 2018.
 
-    ``g_s = d CE(student(x), y) / dx`` is taken with ``create_graph=True`` so the loss backpropagates into the
+    The directions are computed through :func:`margin_loss` (same direction as CE's, stable in float32 for
+    confident samples). ``g_s = d g(student(x), y) / dx`` is taken with ``create_graph=True`` so the loss backpropagates into the
     student's parameters (double backward); ``g_t`` is the teacher's input gradient, detached: the teacher
     receives no gradient (``torch.autograd.grad`` never writes ``.grad``, and ``g_t`` is cut from the graph).
 
@@ -269,23 +281,26 @@ def input_gradient_matching(
     if not teacher_logits.requires_grad:
         raise ValueError("teacher_logits carry no graph to x: run the teacher forward with grad enabled")
     with _float32(x.device):
-        (g_t,) = torch.autograd.grad(_ce_sum(teacher_logits, y), x)
-        (g_s,) = torch.autograd.grad(_ce_sum(student_logits, y), x, create_graph=True)
+        (g_t,) = torch.autograd.grad(margin_loss(teacher_logits, y), x)
+        (g_s,) = torch.autograd.grad(margin_loss(student_logits, y), x, create_graph=True)
         return cosine_distance(g_s, g_t.detach())
 
 
-def logit_gradient_matching(student_logits: Tensor, teacher_logits: Tensor, y: Tensor) -> Tensor:
-    """Cheap variant: ``mean_i (1 - cos(softmax(z_s_i) - e_y, softmax(z_t_i) - e_y))``.
+def margin_gradient(logits: Tensor, y: Tensor) -> Tensor:
+    """``dg/dz`` of :func:`margin_loss` per sample: ``softmax`` over the other classes, ``-1`` at the label.
+    The direction of the CE gradient ``softmax(z) - onehot(y)``, exact in float32 at any confidence."""
+    z = logits.float()
+    # scatter, not F.one_hot: no range check on the labels, so no host synchronisation on CUDA
+    mask = torch.zeros_like(z, dtype=torch.bool).scatter_(1, y.view(-1, 1), True)
+    rest = F.softmax(z.masked_fill(mask, float("-inf")), dim=-1)
+    return rest.masked_fill(mask, -1.0)
 
-    These are the CE gradients w.r.t. the logits (no double backward); gradients flow into both arguments,
-    so detach the teacher's at the call site.
-    """
+
+def logit_gradient_matching(student_logits: Tensor, teacher_logits: Tensor, y: Tensor) -> Tensor:
+    """Cheap variant: ``mean_i (1 - cos(dg/dz_s_i, dg/dz_t_i))`` with :func:`margin_gradient`, the direction of
+    the CE gradients w.r.t. the logits (no double backward); gradients flow into both arguments, so detach the
+    teacher's at the call site."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
     with _float32(student_logits.device):
-        p_s = F.softmax(student_logits.float(), dim=-1)
-        # scatter, not F.one_hot: no range check on the labels, so no host synchronisation on CUDA
-        onehot = torch.zeros_like(p_s).scatter_(1, y.view(-1, 1), 1.0)
-        g_s = p_s - onehot
-        g_t = F.softmax(teacher_logits.float(), dim=-1) - onehot
-        return cosine_distance(g_s, g_t)
+        return cosine_distance(margin_gradient(student_logits, y), margin_gradient(teacher_logits, y))

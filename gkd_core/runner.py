@@ -26,20 +26,21 @@ from gkd_core.engine import (
     resolve_device,
     seed_everything,
 )
-from gkd_core.methods import build_distiller, compute_teacher_cache, method_spec
-from gkd_core.io import torch_save
+from gkd_core.methods import build_distiller, compute_teacher_cache, describe_objective, method_spec
 from gkd_core.metrics import classification_report
+from gkd_core.modelfile import read_model, save_model
 from gkd_core.models import build_model
 
 logger = logging.getLogger(__name__)
 
-MODEL_FORMAT = "gkd-model/1"
-
+__all__ = ["RunResult", "train_teacher", "distill_student", "save_model", "load_model", "evaluate_model",
+           "predict_split", "split_tensors", "normalise_images", "build_net"]
 
 @dataclass
 class RunResult:
     model: nn.Module  # the trained network, eval mode, on CPU
     history: list[dict[str, float]]
+    best_model: Optional[nn.Module] = None  # the same network at its best validation epoch (None: no validation)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -114,8 +115,14 @@ def _train(
         student = student.to(memory_format=torch.contiguous_format)
         if teacher is not None:
             teacher.to(memory_format=torch.contiguous_format)  # the caller's module, as it was handed in
+    best_model = None
+    if result.best_state is not None:
+        best_model = build_net(net_cfg.model, data)
+        best_model.load_state_dict(result.best_state)
+        best_model.eval()
     summary = {
         "best_val_accuracy": result.best_val_accuracy,
+        "best_val_epoch": result.best_val_epoch,
         "final_val_accuracy": result.final_val_accuracy,
         "epochs": net_cfg.train.epochs,
         "resumed_from_epoch": result.resumed_from_epoch,
@@ -125,7 +132,8 @@ def _train(
         "device": str(device),
         "parameters": sum(p.numel() for p in student.parameters()),
     }
-    return RunResult(model=student, history=result.history, summary=summary)
+    summary["objective"] = describe_objective(method) if teacher is not None else "CE"
+    return RunResult(model=student, history=result.history, best_model=best_model, summary=summary)
 
 
 _ALONE = MethodConfig(name="none")  # a network trained alone: cross-entropy, no teacher
@@ -154,42 +162,9 @@ def distill_student(
                   f"student[{method.name}]", stop_after_epochs)
 
 
-def save_model(model: nn.Module, model_cfg: ModelConfig, data: PreparedData, path: str | Path,
-               extra: Optional[dict[str, Any]] = None) -> None:
-    """Save weights plus everything needed to rebuild and feed the model (architecture, stats, classes)."""
-    torch_save(
-        {
-            "format": MODEL_FORMAT,
-            "model": model_cfg.model_dump(),
-            "num_classes": data.num_classes,
-            "in_channels": data.in_channels,
-            "image_size": data.image_size,
-            "mean": [float(v) for v in data.mean],
-            "std": [float(v) for v in data.std],
-            "classes": list(data.classes),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "extra": extra or {},
-        },
-        path,
-    )
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by :func:`save_model`; returns ``(model in eval mode on CPU, metadata)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable model file ({err})") from None
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not a gkd model file (expected format {MODEL_FORMAT!r})")
-    cfg = ModelConfig(**blob["model"])
-    model = build_model(cfg.name, num_classes=blob["num_classes"], in_channels=blob["in_channels"], width=cfg.width)
-    model.load_state_dict(blob["state_dict"])
-    meta = {k: v for k, v in blob.items() if k != "state_dict"}
-    return model.eval(), meta
+def load_model(path: str | Path) -> tuple[nn.Module, Any]:
+    """A model file as ``(network in eval mode on CPU, its ModelMeta)``; see :mod:`gkd_core.modelfile`."""
+    return read_model(path)
 
 
 def split_tensors(data: PreparedData, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-from gkd_core.methods import akd, ces_kd, dynamic_kd, scheduled
+from gkd_core.methods import akd, ces_kd, dynamic_kd, gompertz, scheduled
 from gkd_core.methods.base import TERMS, Batch, Distiller, MethodContext, MethodSpec, Objective, combine
 from gkd_core.methods.teacher_cache import TeacherCache, compute_teacher_cache
 from gkd_core.schedules import Schedule
@@ -22,7 +22,8 @@ from gkd_core.sections import LossesConfig, ModelConfig
 
 __all__ = [
     "METHODS", "MethodSpec", "MethodContext", "Objective", "Batch", "Distiller", "TERMS", "combine",
-    "TeacherCache", "compute_teacher_cache", "method_spec", "method_block", "method_schedule", "build_distiller",
+    "TeacherCache", "compute_teacher_cache", "method_spec", "method_block", "method_schedule", "method_weights",
+    "describe_objective", "build_distiller",
 ]
 
 METHODS: dict[str, MethodSpec] = {
@@ -31,7 +32,11 @@ METHODS: dict[str, MethodSpec] = {
     "linear": scheduled.LINEAR,
     "cosine": scheduled.COSINE,
     "logistic": scheduled.LOGISTIC,
-    "gompertz": scheduled.GOMPERTZ,
+    "gompertz": gompertz.GOMPERTZ,
+    "gompertz_kd": gompertz.GOMPERTZ_KD,
+    "full_constant": gompertz.FULL_CONSTANT,
+    "kd_dose_matched": gompertz.KD_DOSE_MATCHED,
+    "adaptive_gompertz": gompertz.ADAPTIVE_GOMPERTZ,
     "dynamic_kd": dynamic_kd.SPEC,
     "akd": akd.SPEC,
     "ces_kd": ces_kd.SPEC,
@@ -51,7 +56,17 @@ def method_block(method_cfg: Any) -> Any:
 
 def method_schedule(method_cfg: Any) -> Schedule:
     """The distillation-weight schedule w(p) the configured method trains under."""
-    return method_spec(method_cfg.name).schedule(method_block(method_cfg))
+    return method_spec(method_cfg.name).schedule(method_block(method_cfg), method_cfg)
+
+
+def method_weights(method_cfg: Any) -> dict[str, float]:
+    """The configured method's terms and their weights (``{}`` for the student alone)."""
+    return method_spec(method_cfg.name).weights(method_block(method_cfg))
+
+
+def describe_objective(method_cfg: Any) -> str:
+    """The configured method's objective as it will run (for reports, tables and MLflow)."""
+    return method_spec(method_cfg.name).describe(method_block(method_cfg), method_cfg)
 
 
 def build_distiller(
@@ -73,6 +88,6 @@ def build_distiller(
     ctx = MethodContext(
         student=student, teacher=teacher, params=method_block(method_cfg), losses=losses_cfg,
         schedule=schedule if schedule is not None else method_schedule(method_cfg),
-        label_smoothing=label_smoothing, seed=seed, train_alone=train_alone,
+        weights=method_weights(method_cfg), label_smoothing=label_smoothing, seed=seed, train_alone=train_alone,
     )
     return spec.build(ctx)

@@ -13,9 +13,9 @@ Our reading (formula, CAM architecture and hyper-parameters are not public):
 
       KD~   = T^2 * KL(p~_t || softmax(z_s / T))            (p~_t detached: the student cannot move its target)
       CAM   = CE(normalize(m * softmax(z_t)), y)             (trains the CAM only; teacher logits are detached)
-      total = ce_weight * alpha * CE + w * ((1 - alpha) * kd_weight * KD~ + l_w * W + l_g * GM) + CAM
+      total = ce_weight * alpha * CE + (1 - alpha) * KD~ + CAM
 
-  with ``w = 1`` (AKD's schedule is constant 1). The CAM is *not* trained on the KD loss: jointly minimising
+  (the schedule is constant 1: alpha does the balancing). The CAM is *not* trained on the KD loss: jointly minimising
   KD over the target would collapse ``p~_t`` onto the student's prediction. Its own objective makes the
   reweighted teacher a better predictor of the label in context (correcting systematic teacher confusions);
   its last layer starts at zero so the run begins as plain gap-weighted KD. Known risk: CE also rewards
@@ -117,4 +117,5 @@ class AKDDistiller(Distiller):
 
 
 SPEC = MethodSpec("akd", "AKD: gap-based alpha (CE vs KD) + context-aware teacher reweighting", params=AKDParams,
-                  schedule=lambda _: ConstantSchedule(a=1.0), distiller=AKDDistiller, metrics=("alpha", "cam"))
+                  schedule=lambda *_: ConstantSchedule(a=1.0), distiller=AKDDistiller, terms=("kd",),
+                  metrics=("alpha", "cam"), objective="alpha CE + (1 - alpha) KD(CAM-reweighted teacher) + CAM loss")

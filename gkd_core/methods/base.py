@@ -90,6 +90,7 @@ class MethodContext:
     params: Optional[BaseModel]  # the method's own block (``method.<name>``), None for a method without one
     losses: LossesConfig
     schedule: Schedule
+    weights: Mapping[str, float] = field(default_factory=dict)  # term -> weight, for the method's terms
     label_smoothing: float = 0.0
     seed: int = 0
     train_alone: Optional[Callable[[ModelConfig, str], nn.Module]] = None  # (model config, label) -> trained net
@@ -102,22 +103,27 @@ class MethodSpec:
     Attributes:
         name: the registry key and ``method.name`` value.
         summary: one line for docs, logs and the CLI.
-        schedule: ``block -> Schedule``: w(p) from the method's parameter block.
-        params: the pydantic model of ``method.<name>`` (None: the method has no block).
+        schedule: ``(block, method section) -> Schedule``: w(p) from the method's parameter block (the whole
+            ``method`` section is there for an arm defined against another method's schedule).
+        params: the pydantic model of ``method.<name>`` (None: the method has no block). A block with a
+            ``weights`` field sets the terms' weights; without one every term has weight 1.
         distiller: the module class; built with :meth:`Distiller.from_context`.
         terms: the distillation terms the method uses (a subset of :data:`TERMS`).
         metrics: extra per-step scalars its module reports (logged as epoch means).
         needs_teacher: False only for training a network alone.
+        objective: how the sum reads for this method (docs, reports, MLflow); placeholders ``{w}`` (the schedule)
+            and ``{terms}`` (the weighted terms) are filled by :meth:`describe`.
     """
 
     name: str
     summary: str
-    schedule: Callable[[Any], Schedule]
+    schedule: Callable[[Any, Any], Schedule]
     params: Optional[type[BaseModel]] = None
     distiller: type["Distiller"] = field(default=None)  # type: ignore[assignment]
     terms: tuple[str, ...] = TERMS
     metrics: tuple[str, ...] = ()
     needs_teacher: bool = True
+    objective: str = "CE + {w} * [{terms}]"
 
     def __post_init__(self) -> None:
         if self.distiller is None:
@@ -125,6 +131,22 @@ class MethodSpec:
         unknown = set(self.terms) - set(TERMS)
         if unknown:
             raise ValueError(f"method {self.name!r}: unknown terms {sorted(unknown)}; allowed: {', '.join(TERMS)}")
+
+    def weights(self, block: Any) -> dict[str, float]:
+        """The weight of each of the method's terms: the block's ``weights`` where it has them, else 1."""
+        given = getattr(block, "weights", None)
+        return {t: float(getattr(given, t)) if given is not None else 1.0 for t in self.terms}
+
+    def describe(self, block: Any, method_cfg: Any) -> str:
+        """The objective as it will run, e.g. ``CE + gompertz(a=1, b=4.605, c=5.091) * [1 KD + 1 W + 1 GM]``."""
+        names = {"kd": "KD", "wasserstein": "W", "grad_match": "GM"}
+        weights = self.weights(block)
+        terms = " + ".join(f"{weights[t]:g} {names[t]}" for t in self.terms)
+        schedule = self.schedule(block, method_cfg)
+        params = ", ".join(f"{k}={v:.4g}" for k, v in schedule.state_dict().items()
+                           if k != "name" and isinstance(v, (int, float)))
+        w = f"{schedule.name}({params})" if params else schedule.name
+        return self.objective.format(w=w, terms=terms) if self.terms else "CE"
 
     def build(self, ctx: MethodContext) -> "Distiller":
         if self.needs_teacher and ctx.teacher is None:
@@ -189,8 +211,9 @@ class Distiller(nn.Module):
         student: the network to train (classifier attribute per the models contract).
         teacher: frozen teacher, or ``None`` to train the student alone.
         schedule: ``w(p)``; a schedule with ``enabled == False`` (``NoSchedule``) turns distillation off.
-        losses_cfg: term weights, temperature, Wasserstein and gradient-matching settings.
+        losses_cfg: temperature, CE weight, Wasserstein and gradient-matching settings.
         terms: the distillation terms this method uses (a term with weight 0 is not computed either).
+        weights: term -> weight (default 1 for each of ``terms``).
         metrics: the extra scalars :meth:`method_objective` reports (always present in the output).
         params: the method's own parameter block (``method.<name>``), kept as ``self.params``.
         label_smoothing: passed to the CE term (not to KD or gradient matching).
@@ -206,6 +229,7 @@ class Distiller(nn.Module):
         losses_cfg: Optional[LossesConfig] = None,
         *,
         terms: Sequence[str] = TERMS,
+        weights: Optional[Mapping[str, float]] = None,
         metrics: Sequence[str] = (),
         params: Optional[BaseModel] = None,
         label_smoothing: float = 0.0,
@@ -226,14 +250,17 @@ class Distiller(nn.Module):
         self._init_rng = torch.Generator().manual_seed(self.seed)
 
         cfg = self.losses_cfg
-        self.weights = {"kd": cfg.kd_weight, "wasserstein": cfg.wasserstein_weight,
-                        "grad_match": cfg.grad_match_weight}
+        unknown = set(terms) - set(TERMS)
+        if unknown:
+            raise ValueError(f"unknown terms {sorted(unknown)}; allowed: {', '.join(TERMS)}")
+        self.terms = tuple(t for t in TERMS if t in terms)
+        self.weights = {t: float((weights or {}).get(t, 1.0)) for t in self.terms}
         self.distill = teacher is not None and schedule.enabled
         if teacher is not None:
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-        active = [t for t in terms if self.distill and self.weights[t] > 0]
+        active = [t for t in self.terms if self.distill and self.weights[t] > 0]
         self.use_kd = "kd" in active
         self.use_wasserstein = "wasserstein" in active
         self.use_grad_match = "grad_match" in active
@@ -244,6 +271,12 @@ class Distiller(nn.Module):
         self._teacher_hook: Optional[FeatureHook] = None
         if self.use_wasserstein:
             assert teacher is not None
+            if cfg.wasserstein.method != "sliced":
+                logger.warning(
+                    "losses.wasserstein.method = %r: on a batch of features this reads the batch-to-batch OT cost, "
+                    "about 10x the sliced estimate for 64-d features (a sampling floor; docs/method.md), so the "
+                    "W weight tuned for 'sliced' is not the same weight here: re-tune it on the validation split",
+                    cfg.wasserstein.method)
             self._student_hook = FeatureHook(student)
             self._teacher_hook = FeatureHook(teacher)
             ds, dt = self._feature_dim(student), self._feature_dim(teacher)
@@ -259,8 +292,8 @@ class Distiller(nn.Module):
     @classmethod
     def from_context(cls, spec: MethodSpec, ctx: MethodContext) -> "Distiller":
         """Build this method's module from the run's context (subclasses add their own parts)."""
-        return cls(ctx.student, ctx.teacher, ctx.schedule, ctx.losses, terms=spec.terms, metrics=spec.metrics,
-                   params=ctx.params, label_smoothing=ctx.label_smoothing, seed=ctx.seed)
+        return cls(ctx.student, ctx.teacher, ctx.schedule, ctx.losses, terms=spec.terms, weights=ctx.weights,
+                   metrics=spec.metrics, params=ctx.params, label_smoothing=ctx.label_smoothing, seed=ctx.seed)
 
     # --- the training contract (gkd_core.engine.Trainable) --------------------------------------------
 
@@ -295,6 +328,10 @@ class Distiller(nn.Module):
         self.student.compile()
         if self.teacher is not None and self.distill and self._teacher_cache is None:
             self.teacher.compile()
+
+    def end_epoch(self, progress: float, row: Mapping[str, float]) -> None:
+        """The schedule sees each finished epoch (validation accuracy included): an adaptive one refits."""
+        self.schedule.observe(progress, row)
 
     def get_extra_state(self) -> dict[str, Any]:
         """The schedule's state travels with ``state_dict()`` (and so with every checkpoint)."""
@@ -340,7 +377,7 @@ class Distiller(nn.Module):
             if self.use_grad_match and self.losses_cfg.grad_match.variant == "input":
                 raise ValueError(
                     "cannot cache the teacher with input-gradient matching: it needs the teacher's input "
-                    "gradient on every matched step (use grad_match.variant 'logit' or grad_match_weight 0)"
+                    "gradient on every matched step (use grad_match.variant 'logit', or a method without gradient matching)"
                 )
             if self.use_wasserstein and cache.features is None:
                 raise ValueError("the Wasserstein term needs teacher features: compute the cache with features=True")

@@ -14,8 +14,8 @@ Our reading, fully vectorised (no per-sample Python):
   ``u(p) = min(1, 1/K + (1 - 1/K) * p / pace)``: at the start every image learns from the smallest assistant;
   by ``p = pace`` the whole ladder is open and images spread over it by difficulty.
 - Expert of an image: ``k = min(K - 1, floor(r * u(p) * K))``; its logits replace the teacher's in the KD
-  term. Wasserstein and gradient matching keep using the main teacher (its features and input gradient).
-- The weight w(p) is constant (``method.ces_kd.a``). Reported: ``expert_level``, the batch's mean k / (K - 1).
+  term: ``CE + a * KD(expert)``.
+- The weight is constant (``method.ces_kd.a``). Reported: ``expert_level``, the batch's mean k / (K - 1).
 
 Cost: one extra frozen forward per assistant per step (no grad).
 """
@@ -76,8 +76,9 @@ class CESKDDistiller(Distiller):
         if ctx.train_alone is None:
             raise ValueError("CES-KD trains its teacher assistants first: the context needs train_alone")
         assistants = [ctx.train_alone(m, f"assistant[{i}]") for i, m in enumerate(params.assistants)]
-        return cls(ctx.student, ctx.teacher, ctx.schedule, ctx.losses, terms=spec.terms, metrics=spec.metrics,
-                   label_smoothing=ctx.label_smoothing, seed=ctx.seed, params=params, assistants=assistants)
+        return cls(ctx.student, ctx.teacher, ctx.schedule, ctx.losses, terms=spec.terms, weights=ctx.weights,
+                   metrics=spec.metrics, params=params, label_smoothing=ctx.label_smoothing, seed=ctx.seed,
+                   assistants=assistants)
 
     def frozen_modules(self) -> list[nn.Module]:
         return super().frozen_modules() + list(self.assistants)
@@ -100,5 +101,5 @@ class CESKDDistiller(Distiller):
 
 
 SPEC = MethodSpec("ces_kd", "CES-KD: per-image expert from a teacher-assistant ladder, opened by a curriculum",
-                  params=CESKDParams, schedule=lambda p: ConstantSchedule(a=p.a), distiller=CESKDDistiller,
-                  metrics=("expert_level",))
+                  params=CESKDParams, schedule=lambda p, _: ConstantSchedule(a=p.a), distiller=CESKDDistiller,
+                  terms=("kd",), metrics=("expert_level",), objective="CE + {w} * [KD(per-image expert)]")

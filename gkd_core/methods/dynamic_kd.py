@@ -4,7 +4,7 @@ Our reading (the paper's exact update rule is unpublished): a positive scalar ``
 to 1, multiplies the student logits *inside the KD term only*::
 
     KD_c  = T^2 * KL(softmax(z_t / T) || softmax(c * z_s / T))
-    total = ce_weight * CE(z_s, y) + a * (kd_weight * KD_c + l_w * W + l_g * GM)
+    total = ce_weight * CE(z_s, y) + a * KD_c
 
 ``c`` acts as a student-side inverse temperature: it corrects the student's output entropy toward the
 teacher's. CE (and every other term) sees the raw logits, so ``c`` gets gradient *only* from the KD term,
@@ -49,7 +49,7 @@ class DynamicKDDistiller(Distiller):
             raise ValueError("DynamicKD needs a teacher and an enabled schedule")
         self.params = self.params if self.params is not None else DynamicKDParams()
         if not self.use_kd:
-            logger.warning("DynamicKD with kd_weight = 0: the entropy controller receives no gradient")
+            logger.warning("DynamicKD with its KD weight 0: the entropy controller receives no gradient")
         self.log_c = nn.Parameter(torch.zeros(()))
 
     @property
@@ -76,5 +76,5 @@ class DynamicKDDistiller(Distiller):
 
 
 SPEC = MethodSpec("dynamic_kd", "DynamicKD: constant weight a + a learnable student-logit scale (entropy controller)",
-                  params=DynamicKDParams, schedule=lambda p: ConstantSchedule(a=p.a), distiller=DynamicKDDistiller,
-                  metrics=("entropy_scale",))
+                  params=DynamicKDParams, schedule=lambda p, _: ConstantSchedule(a=p.a), distiller=DynamicKDDistiller,
+                  terms=("kd",), metrics=("entropy_scale",), objective="CE + {w} * [KD(c * z_s)]")

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -17,8 +18,8 @@ def tiny_params(**method):
         "dataset": {"name": "digits", "limit": 400},
         "teacher": {"model": {"name": "digits_cnn", "width": 1.0}, "train": train},
         "student": {"model": {"name": "digits_cnn", "width": 0.5}, "train": train},
-        "method": {"name": "gompertz", **method},
-        "losses": {"wasserstein_weight": 0.5, "grad_match_weight": 0.5},
+        "method": {"name": "gompertz", **method,
+                   "gompertz": {"weights": {"kd": 1.0, "wasserstein": 0.5, "grad_match": 0.5}}},
         "runtime": {"device": "cpu", "progress_bar": False},
     })
 
@@ -83,9 +84,10 @@ class _Explodes(nn.Module):
 
     metric_names = {"total": "train_total", "ce": "train_ce"}
 
-    def __init__(self):
+    def __init__(self, bad_step=3, how="loss"):
         super().__init__()
         self.student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        self.bad_step, self.how = bad_step, how
 
     def param_groups(self, base_lr):
         return [{"params": list(self.student.parameters()), "lr": base_lr}]
@@ -99,9 +101,16 @@ class _Explodes(nn.Module):
     def load_training_state(self, state):
         self.load_state_dict(state)
 
+    def end_epoch(self, progress, row):
+        pass
+
     def forward(self, x, y, progress, step=0):
         logits = self.student(x)
-        ce = nn.functional.cross_entropy(logits, y) * (math.nan if step >= 3 else 1.0)
+        ce = nn.functional.cross_entropy(logits, y)
+        if step >= self.bad_step and self.how == "loss":
+            ce = ce * math.nan
+        if step >= self.bad_step and self.how == "gradient":  # value 0, gradient NaN: sqrt'(0) * 0
+            ce = ce + (self.student[1].weight.sum() * 0).abs().sqrt()
         return {"total": ce, "ce": ce, "logits": logits}
 
 
@@ -113,11 +122,29 @@ def test_any_module_keeping_the_contract_trains():
     assert set(result.history[0]) >= {"train_total", "train_ce", "train_accuracy", "lr"}
 
 
-def test_nan_guard_stops_with_a_clear_error():
+@pytest.mark.parametrize("guard", ["sync", "device"])
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_no_non_finite_update_is_ever_applied(guard, where):
+    """The loss (or only its gradient) turns NaN at step 3 (the 4th): the run stops naming that step and the
+    term, and the weights are exactly those after steps 0-2: no update from the bad step on. ``device`` keeps
+    the check on the device (fused optimizer skip) and reads it every ``guard_every`` steps."""
+    torch.manual_seed(0)
     x, y = torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,))
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 128, 16)]
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss in epoch 1 by step 4 .*ce=nan"):
-        fit(_Explodes(), batches, None, TrainConfig(epochs=1), FitOptions(guard_every=4, progress_bar=False))
+    options = FitOptions(guard=guard, guard_every=5, progress_bar=False)
+    cfg = TrainConfig(epochs=1, lr=0.05, lr_schedule="constant")
+    torch.manual_seed(1)
+    reference = _Explodes(bad_step=10**6, how=where)
+    start = copy.deepcopy(reference.state_dict())
+    fit(reference, batches[:3], None, cfg, options)  # the 3 clean steps alone
+    torch.manual_seed(1)
+    model = _Explodes(bad_step=3, how=where)
+    assert all(torch.equal(a, b) for a, b in zip(start.values(), model.state_dict().values()))
+    expected = "non-finite loss term total, ce" if where == "loss" else "non-finite gradient"
+    with pytest.raises(NonFiniteLossError, match=rf"training stopped at step 4: {expected}"):
+        fit(model, batches, None, cfg, options)
+    for (k, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k  # exactly the weights after the 3 clean steps
 
 
 def test_callbacks_receive_every_metric(digits_small):
@@ -127,3 +154,22 @@ def test_callbacks_receive_every_metric(digits_small):
     names = {n for n, _ in seen}
     assert {"train_total", "train_ce", "train_accuracy", "val_accuracy", "lr", "weight"} <= names
     assert {s for _, s in seen} == {1, 2}
+
+
+def test_the_best_validation_epoch_is_kept_and_survives_a_resume(tmp_path, digits_small):
+    params = tiny_params()
+    params = params.model_copy(update={"student": params.student.model_copy(
+        update={"train": params.student.train.model_copy(update={"epochs": 3})})})
+    teacher = train_teacher(params, digits_small).model
+    full = distill_student(params, digits_small, teacher)
+    vals = [r["val_accuracy"] for r in full.history]
+    best_epoch = vals.index(max(vals)) + 1
+    assert full.summary["best_val_epoch"] == best_epoch and full.best_model is not None
+    from gkd_core.runner import evaluate_model
+    assert evaluate_model(full.best_model, digits_small, "val", device="cpu")["accuracy"] == pytest.approx(max(vals))
+    ckpt = tmp_path / "part.ckpt"
+    distill_student(params, digits_small, teacher, checkpoint_path=ckpt, stop_after_epochs=best_epoch)
+    resumed = distill_student(params, digits_small, teacher, checkpoint_path=ckpt)
+    assert resumed.summary["best_val_epoch"] == best_epoch
+    for a, b in zip(full.best_model.state_dict().values(), resumed.best_model.state_dict().values()):
+        assert torch.equal(a, b)

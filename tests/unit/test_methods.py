@@ -1,4 +1,5 @@
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -46,22 +47,36 @@ def make(student_dim=8, teacher_dim=16, seed=0):
     return student, teacher, x, y
 
 
+@dataclass
+class Cfg:
+    """Loss settings plus the weights of the three terms (the full objective's, as ``gompertz`` has them)."""
+
+    losses: LossesConfig
+    weights: dict
+
+
 def cfg(kd=1.0, w=1.0, gm=1.0, variant="input", every=1, method="sliced", ce=1.0):
-    return LossesConfig(
-        ce_weight=ce, kd_weight=kd, wasserstein_weight=w, grad_match_weight=gm,
-        wasserstein={"method": method}, grad_match={"variant": variant, "every": every},
-    )
+    losses = LossesConfig(ce_weight=ce, wasserstein={"method": method}, grad_match={"variant": variant, "every": every})
+    return Cfg(losses, {"kd": kd, "wasserstein": w, "grad_match": gm})
 
 
-def recompute_total(out, c: LossesConfig):
-    return c.ce_weight * out["ce"] + out["weight"] * (
-        c.kd_weight * out["kd"] + c.wasserstein_weight * out["wasserstein"] + c.grad_match_weight * out["grad_match"]
+def D(student, teacher, schedule, c=None, cls=Distiller, **kw):
+    """A module of class ``cls`` with the full objective's terms at the weights of ``c``."""
+    c = c or cfg()
+    return cls(student, teacher, schedule, c.losses, weights=c.weights, **kw)
+
+
+def recompute_total(out, c: Cfg):
+    w = c.weights
+    return c.losses.ce_weight * out["ce"] + out["weight"] * (
+        w["kd"] * out["kd"] + w["wasserstein"] * out["wasserstein"] + w["grad_match"] * out["grad_match"]
     )
 
 
 def test_registry_is_a_plain_dict_of_specs():
     assert type(METHODS) is dict and all(isinstance(s, MethodSpec) and s.name == n for n, s in METHODS.items())
-    assert list(METHODS) == ["none", "kd", "linear", "cosine", "logistic", "gompertz", "dynamic_kd", "akd", "ces_kd"]
+    assert list(METHODS) == ["none", "kd", "linear", "cosine", "logistic", "gompertz", "gompertz_kd", "full_constant",
+                             "kd_dose_matched", "adaptive_gompertz", "dynamic_kd", "akd", "ces_kd"]
     classes = {n: s.distiller for n, s in METHODS.items()}
     assert classes["dynamic_kd"] is DynamicKDDistiller and classes["akd"] is AKDDistiller
     assert classes["ces_kd"] is CESKDDistiller and classes["gompertz"] is Distiller
@@ -72,7 +87,7 @@ def test_registry_is_a_plain_dict_of_specs():
 def test_each_method_reports_what_its_spec_declares(name):
     spec = METHODS[name]
     student, teacher, x, y = make()
-    d = build_distiller(MethodConfig(name=name), cfg(), student, teacher, seed=0)
+    d = build_distiller(MethodConfig(name=name), cfg().losses, student, teacher, seed=0)
     out = d(x, y, progress=0.5)
     assert set(out) == KEYS | set(spec.metrics)
     assert set(d.metric_names) == {"total", "ce", *TERMS, "weight", *spec.metrics}
@@ -84,7 +99,7 @@ def test_output_keys_total_formula_and_weight():
     student, teacher, x, y = make()
     schedule = GompertzSchedule()
     c = cfg()
-    d = Distiller(student, teacher, schedule, c)
+    d = D(student, teacher, schedule, c)
     out = d(x, y, progress=0.3, step=0)
     assert set(out) == KEYS
     for k in SCALARS:
@@ -110,7 +125,7 @@ def test_output_keys_total_formula_and_weight():
 def test_gradients_reach_student_and_projector_only(terms):
     student, teacher, x, y = make()
     # ce = 0: every student gradient below comes from the distillation term under test
-    d = Distiller(student, teacher, ConstantSchedule(a=1.0), cfg(ce=0.0, **terms))
+    d = D(student, teacher, ConstantSchedule(a=1.0), cfg(ce=0.0, **terms))
     d.train()
     d(x, y, progress=0.5)["total"].backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -123,7 +138,7 @@ def test_gradients_reach_student_and_projector_only(terms):
 
 def test_teacher_is_frozen_and_stays_in_eval():
     student, teacher, x, y = make()
-    d = Distiller(student, teacher, ConstantSchedule(), cfg())
+    d = D(student, teacher, ConstantSchedule(), cfg())
     d.train()
     assert d.training and student.training and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -134,15 +149,15 @@ def test_teacher_is_frozen_and_stays_in_eval():
 
 def test_projector_only_when_widths_differ_and_in_trainable_parameters():
     student, teacher, *_ = make(student_dim=8, teacher_dim=16)
-    d = Distiller(student, teacher, ConstantSchedule(), cfg())
+    d = D(student, teacher, ConstantSchedule(), cfg())
     assert d.projector is not None and (d.projector.in_dim, d.projector.out_dim) == (8, 16)
     ids = {id(p) for p in d.trainable_parameters()}
     assert id(d.projector.linear.weight) in ids and all(id(p) in ids for p in student.parameters())
     student, teacher, *_ = make(student_dim=16, teacher_dim=16)
-    assert Distiller(student, teacher, ConstantSchedule(), cfg()).projector is None
+    assert D(student, teacher, ConstantSchedule(), cfg()).projector is None
     # no Wasserstein term, no projector even with different widths
     student, teacher, *_ = make()
-    assert Distiller(student, teacher, ConstantSchedule(), cfg(w=0.0)).projector is None
+    assert D(student, teacher, ConstantSchedule(), cfg(w=0.0)).projector is None
 
 
 def _count_calls(module):
@@ -155,7 +170,7 @@ def _count_calls(module):
 def test_method_none_never_calls_the_teacher(no_teacher):
     student, teacher, x, y = make()
     calls = _count_calls(teacher)
-    d = Distiller(student, None if no_teacher else teacher, NoSchedule(), cfg(), label_smoothing=0.1)
+    d = D(student, None if no_teacher else teacher, NoSchedule(), cfg(), label_smoothing=0.1)
     out = d(x, y, progress=0.5)
     assert not calls
     assert set(out) == KEYS
@@ -169,7 +184,7 @@ def test_method_none_never_calls_the_teacher(no_teacher):
 
 def test_zero_weight_terms_are_skipped():
     student, teacher, x, y = make()
-    d = Distiller(student, teacher, ConstantSchedule(), cfg(kd=0.0, w=0.0, gm=0.0))
+    d = D(student, teacher, ConstantSchedule(), cfg(kd=0.0, w=0.0, gm=0.0))
     out = d(x, y, progress=0.5)
     assert out["kd"].item() == out["wasserstein"].item() == out["grad_match"].item() == 0.0
     assert_close(out["total"], out["ce"])
@@ -178,7 +193,7 @@ def test_zero_weight_terms_are_skipped():
 @pytest.mark.parametrize("variant", ["input", "logit"])
 def test_grad_match_every_two_steps(variant):
     student, teacher, x, y = make()
-    d = Distiller(student, teacher, ConstantSchedule(), cfg(variant=variant, every=2))
+    d = D(student, teacher, ConstantSchedule(), cfg(variant=variant, every=2))
     values = [d(x, y, progress=0.5, step=s)["grad_match"].item() for s in range(4)]
     assert values[0] > 0 and values[2] > 0
     assert values[1] == 0.0 and values[3] == 0.0
@@ -186,7 +201,7 @@ def test_grad_match_every_two_steps(variant):
 
 def test_input_gm_under_no_grad_reports_zero():
     student, teacher, x, y = make()
-    d = Distiller(student, teacher, ConstantSchedule(), cfg())
+    d = D(student, teacher, ConstantSchedule(), cfg())
     with torch.no_grad():
         out = d(x, y, progress=0.5)
     assert out["grad_match"].item() == 0.0 and torch.isfinite(out["total"])
@@ -195,8 +210,8 @@ def test_input_gm_under_no_grad_reports_zero():
 def test_sliced_directions_depend_on_seed_and_step_only():
     student, teacher, x, y = make()
     c = cfg(kd=0.0, gm=0.0)
-    d1 = Distiller(student, teacher, ConstantSchedule(), c, seed=5)
-    d2 = Distiller(copy.deepcopy(student), copy.deepcopy(teacher), ConstantSchedule(), c, seed=5)
+    d1 = D(student, teacher, ConstantSchedule(), c, seed=5)
+    d2 = D(copy.deepcopy(student), copy.deepcopy(teacher), ConstantSchedule(), c, seed=5)
     torch.manual_seed(123)  # the global RNG plays no part
     a = d1(x, y, progress=0.5, step=7)["wasserstein"].item()
     _ = d1(x, y, progress=0.5, step=8)
@@ -208,7 +223,7 @@ def test_sliced_directions_depend_on_seed_and_step_only():
 
 def test_param_groups_cover_trainable_parameters():
     student, teacher, *_ = make()
-    d = Distiller(student, teacher, ConstantSchedule(), cfg())
+    d = D(student, teacher, ConstantSchedule(), cfg())
     groups = d.param_groups(0.1)
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in d.trainable_parameters())
@@ -220,7 +235,7 @@ def test_registry_models_with_real_feature_hooks():
     teacher = build_model("digits_cnn", num_classes=10, in_channels=1, width=1.0)
     student = build_model("digits_cnn", num_classes=10, in_channels=1, width=0.5)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
-    d = Distiller(student, teacher, GompertzSchedule(), cfg(gm=0.0))
+    d = D(student, teacher, GompertzSchedule(), cfg(gm=0.0))
     assert d.projector is not None and (d.projector.in_dim, d.projector.out_dim) == (32, 64)
     d.train()
     out = d(x, y, progress=0.9)
@@ -241,7 +256,7 @@ def test_dynamic_kd_controller_learns_from_kd_only():
     student, teacher, x, y = make()
     c = cfg(w=0.0, gm=0.0)
     params = DynamicKDParams(a=0.7, controller_lr_scale=3.0)
-    d = DynamicKDDistiller(student, teacher, ConstantSchedule(a=0.7), c, params=params)
+    d = D(student, teacher, ConstantSchedule(a=0.7), c, cls=DynamicKDDistiller, params=params)
     with torch.no_grad():
         d.log_c.fill_(0.4)
     out = d(x, y, progress=0.5)
@@ -255,7 +270,7 @@ def test_dynamic_kd_controller_learns_from_kd_only():
     # the controller's gradient is exactly that of w * kd_weight * KD w.r.t. log c (CE contributes nothing)
     zs, zt = student(x).detach(), teacher(x).detach()
     log_c = torch.tensor(0.4, requires_grad=True)
-    (ref_c,) = torch.autograd.grad(0.7 * kd_loss(log_c.exp() * zs, zt, c.temperature), log_c)
+    (ref_c,) = torch.autograd.grad(0.7 * kd_loss(log_c.exp() * zs, zt, c.losses.temperature), log_c)
     assert d.log_c.grad.item() == pytest.approx(ref_c.item(), rel=1e-5)
 
     # the student's gradient is that of the same objective with c held constant (no path through the controller)
@@ -263,7 +278,7 @@ def test_dynamic_kd_controller_learns_from_kd_only():
     student.zero_grad()
     z = student(x)
     c_const = torch.exp(torch.tensor(0.4)).item()
-    (F.cross_entropy(z, y) + 0.7 * kd_loss(c_const * z, zt, c.temperature)).backward()
+    (F.cross_entropy(z, y) + 0.7 * kd_loss(c_const * z, zt, c.losses.temperature)).backward()
     for g, p in zip(got, student.parameters()):
         assert_close(g, p.grad)
 
@@ -276,7 +291,7 @@ def test_dynamic_kd_controller_learns_from_kd_only():
 def test_akd_alpha_cam_and_gradients():
     student, teacher, x, y = make()
     c = cfg(w=0.0, gm=0.0)
-    d = AKDDistiller(student, teacher, ConstantSchedule(a=1.0), c, params=AKDParams(beta=2.0, cam_hidden=8))
+    d = D(student, teacher, ConstantSchedule(a=1.0), c, cls=AKDDistiller, params=AKDParams(beta=2.0, cam_hidden=8))
     out = d(x, y, progress=0.5)
     assert {"alpha", "cam"} <= set(out) and torch.isfinite(out["total"])
     zs, zt = student(x).detach(), teacher(x).detach()
@@ -284,7 +299,7 @@ def test_akd_alpha_cam_and_gradients():
     assert out["alpha"].item() == pytest.approx(1 - torch.exp(-2.0 * gap).item(), rel=1e-5)
     assert 0.0 < out["alpha"].item() < 1.0 and not out["alpha"].requires_grad
     # the CAM starts as the identity reweighting: KD~ equals plain KD
-    assert out["kd"].item() == pytest.approx(kd_loss(zs, zt, c.temperature).item(), rel=1e-5)
+    assert out["kd"].item() == pytest.approx(kd_loss(zs, zt, c.losses.temperature).item(), rel=1e-5)
     a = out["alpha"]
     expected = a * out["ce"] + out["weight"] * (1 - a) * out["kd"] + out["cam"]
     assert_close(out["total"], expected)
@@ -296,7 +311,7 @@ def test_akd_alpha_cam_and_gradients():
     got = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
     z = student(x)
-    (a * F.cross_entropy(z, y) + (1 - a) * kd_loss(z, zt, c.temperature)).backward()
+    (a * F.cross_entropy(z, y) + (1 - a) * kd_loss(z, zt, c.losses.temperature)).backward()
     for g, p in zip(got, student.parameters()):
         assert_close(g, p.grad)
     ids = {id(p) for p in d.trainable_parameters()}
@@ -306,7 +321,7 @@ def test_akd_alpha_cam_and_gradients():
 def test_akd_and_dynamic_kd_with_all_terms_are_finite():
     for cls in (DynamicKDDistiller, AKDDistiller):
         student, teacher, x, y = make()
-        d = cls(student, teacher, ConstantSchedule(), cfg())
+        d = D(student, teacher, ConstantSchedule(), cfg(), cls=cls)
         d.train()
         out = d(x, y, progress=0.2)
         assert torch.isfinite(out["total"])
@@ -317,7 +332,7 @@ def test_akd_and_dynamic_kd_with_all_terms_are_finite():
 
 def test_build_distiller_picks_the_class_and_checks_the_teacher():
     student, teacher, *_ = make()
-    losses = cfg()
+    losses = cfg().losses
     expected = {"gompertz": Distiller, "kd": Distiller, "dynamic_kd": DynamicKDDistiller, "akd": AKDDistiller}
     for name, cls in expected.items():
         d = build_distiller(MethodConfig(name=name), losses, student, teacher, schedule=ConstantSchedule(), seed=1)
@@ -337,7 +352,7 @@ def test_compiled_student_with_input_grad_matching():
     # compiled graphs refuse double backward; the distiller runs the student eagerly on GM steps only
     student, teacher, x, y = make()
     student.compile(backend="aot_eager")
-    d = Distiller(student, teacher, ConstantSchedule(), cfg(every=2))
+    d = D(student, teacher, ConstantSchedule(), cfg(every=2))
     d.train()
     for step in (0, 1):
         out = d(x, y, progress=0.5, step=step)
@@ -371,7 +386,7 @@ def test_ceskd_distiller_uses_assistants_and_trains_student_only():
     calls = []
     assistant.register_forward_hook(lambda *a: calls.append(1))
     trained = []
-    d = build_distiller(MethodConfig(name="ces_kd"), LossesConfig(wasserstein_weight=0.0, grad_match_weight=0.0),
+    d = build_distiller(MethodConfig(name="ces_kd"), LossesConfig(),
                         student, teacher, train_alone=lambda model_cfg, label: trained.append(label) or assistant)
     assert trained == ["assistant[0]"]  # one assistant per entry of method.ces_kd.assistants
     d.train()
@@ -434,3 +449,60 @@ def test_a_new_method_is_one_module_plus_one_registry_line(monkeypatch, tmp_path
     monkeypatch.delitem(METHODS, "toy")
     with pytest.raises(ConfigError, match="method.name = 'toy'"):
         validate_params(raw)
+
+
+def test_switching_the_wasserstein_estimator_is_not_silent(caplog):
+    """emd/sinkhorn read the batch OT cost, ~10x the sliced value on 64-d features: the W weight tuned for one
+    is not the same weight for the other, and the run says so."""
+    student, teacher, *_ = make()
+    with caplog.at_level("WARNING", logger="gkd_core.methods.base"):
+        D(student, teacher, ConstantSchedule(), cfg(method="sliced"))
+        assert not caplog.records
+        D(student, teacher, ConstantSchedule(), cfg(method="emd"))
+    assert "re-tune it on the validation split" in caplog.text and "'emd'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gkd_core.methods.base"):
+        D(student, teacher, ConstantSchedule(), cfg(method="emd", w=0.0))  # W not used: nothing to say
+    assert not caplog.records
+
+
+def test_dose_matched_kd_weight_is_the_gompertz_schedules_mean():
+    from gkd_core.methods import method_schedule
+    from gkd_core.schedules import GompertzSchedule, schedule_mean
+
+    student, teacher, x, y = make()
+    method = MethodConfig(name="kd_dose_matched", gompertz={"a": 1.0, "b": 4.6052, "c": 7.6})
+    d = build_distiller(method, cfg().losses, student, teacher)
+    expected = schedule_mean(GompertzSchedule(a=1.0, b=4.6052, c=7.6))
+    assert d.schedule.weight(0.0) == d.schedule.weight(1.0) == pytest.approx(expected)
+    assert d(x, y, progress=0.5)["weight"].item() == pytest.approx(expected)
+    assert d.terms == ("kd",)
+    default = method_schedule(MethodConfig(name="kd_dose_matched")).weight(0.5)
+    assert default == pytest.approx(schedule_mean(GompertzSchedule(b=4.6052, c=5.0906)))  # from method.gompertz
+    assert default != pytest.approx(expected)
+
+
+def test_kd_computes_neither_wasserstein_nor_gradient_matching():
+    """`kd` is Hinton KD: the feature hooks are not even installed, the teacher runs under no_grad."""
+    student, teacher, x, y = make()
+    d = build_distiller(MethodConfig(name="kd"), cfg().losses, student, teacher)
+    assert d.terms == ("kd",) and not d.use_wasserstein and not d.use_grad_match and d.projector is None
+    assert not student.fc._forward_pre_hooks and not teacher.fc._forward_pre_hooks
+    out = d(x, y, progress=0.5)
+    zs, zt = student(x).detach(), teacher(x).detach()
+    expected = F.cross_entropy(zs, y) + 1.0 * kd_loss(zs, zt, 4.0)
+    assert_close(out["total"], expected)
+
+
+def test_gradients_reach_the_right_parameters_per_method():
+    """AKD's CAM and DynamicKD's controller learn; `gompertz` trains the projector; `kd` has no projector."""
+    for name, own in (("akd", "cam"), ("dynamic_kd", "log_c"), ("gompertz", "projector")):
+        student, teacher, x, y = make()
+        d = build_distiller(MethodConfig(name=name), cfg().losses, student, teacher)
+        d.train()
+        d(x, y, progress=0.9)["total"].backward()
+        part = getattr(d, own)
+        params = [part] if isinstance(part, torch.nn.Parameter) else list(part.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), name
+        assert all(p.grad is None for p in teacher.parameters()), name
+        assert all(p.grad is not None for p in student.body.parameters()), name

@@ -4,6 +4,7 @@ import pytest
 
 from gkd_core.schedules import (
     SCHEDULES,
+    AdaptiveGompertzSchedule,
     ConstantSchedule,
     CosineSchedule,
     GompertzSchedule,
@@ -13,6 +14,7 @@ from gkd_core.schedules import (
     build_schedule,
     plot_schedules,
     schedule_curve,
+    schedule_mean,
 )
 
 
@@ -81,13 +83,60 @@ def test_state_dict_round_trip(name):
     assert [dst.weight(p) for p in (0.0, 0.3, 1.0)] == [src.weight(p) for p in (0.0, 0.3, 1.0)]
 
 
+def test_state_dict_restores_floats_into_a_schedule_built_with_ints():
+    """A schedule built with integer parameters took the loaded floats' int() (b=4.6 -> 4): not any more."""
+    s = GompertzSchedule(a=2, b=1, c=1)
+    s.load_state_dict(GompertzSchedule().state_dict())
+    assert (s.a, s.b, s.c) == (1.0, GompertzSchedule().b, GompertzSchedule().c)
+    assert isinstance(s.b, float) and s.weight(0.3) == GompertzSchedule().weight(0.3)
+
+
+def test_schedule_mean_is_the_dose():
+    assert schedule_mean(ConstantSchedule(a=0.7)) == pytest.approx(0.7)
+    assert schedule_mean(GompertzSchedule()) == pytest.approx(0.5918, abs=1e-4)  # the default's mean weight
+    lin = LinearSchedule(a=1.0, warmup=0.5)
+    assert schedule_mean(lin) == pytest.approx(0.75, abs=1e-6)
+
+
+def test_adaptive_gompertz_uses_the_prior_then_the_students_curve():
+    s = AdaptiveGompertzSchedule(a=1.0, min_points=3)
+    prior = (s.b, s.c)
+    truth = (0.95, 3.0, 8.0)  # a student curve: accuracy 0.95 exp(-3 exp(-8 p)), inflection at p* = ln(3)/8
+
+    def acc(p):
+        return truth[0] * math.exp(-truth[1] * math.exp(-truth[2] * p))
+
+    for p in (0.1, 0.2):
+        s.observe(p, {"val_accuracy": acc(p)})
+    assert (s.b, s.c) == prior  # not enough points yet
+    s.observe(0.3, {"train_total": 1.0})  # an epoch without validation changes nothing
+    assert len(s.observations) == 2
+    for p in (0.3, 0.5, 0.7, 0.9):
+        s.observe(p, {"val_accuracy": acc(p)})
+    assert s.b == pytest.approx(truth[1], rel=1e-3) and s.c == pytest.approx(truth[2], rel=1e-3)
+    assert s.p_inflection == pytest.approx(math.log(3.0) / 8.0, rel=1e-3)
+    assert s.weight(s.p_inflection) == pytest.approx(1.0 / math.e)  # the weight now rises with the student
+    restored = AdaptiveGompertzSchedule()
+    restored.load_state_dict(s.state_dict())
+    assert restored == s and restored.weight(0.4) == s.weight(0.4)
+
+
+def test_adaptive_gompertz_fit_stays_in_bounds_on_a_flat_curve():
+    s = AdaptiveGompertzSchedule(min_points=3)
+    for p in (0.1, 0.2, 0.3, 0.4):
+        s.observe(p, {"val_accuracy": 0.98})  # digits: saturated after one epoch
+    lo_b, hi_b = AdaptiveGompertzSchedule.B_BOUNDS
+    lo_c, hi_c = AdaptiveGompertzSchedule.C_BOUNDS
+    assert lo_b <= s.b <= hi_b and lo_c <= s.c <= hi_c and 0.0 < s.weight(0.0) <= s.weight(1.0) <= 1.0
+
+
 def test_state_dict_refuses_another_schedule():
     with pytest.raises(ValueError, match="gompertz"):
         LinearSchedule().load_state_dict(GompertzSchedule().state_dict())
 
 
 def test_build_schedule_errors_and_shape_kwargs():
-    with pytest.raises(ValueError, match="allowed: none, kd"):
+    with pytest.raises(ValueError, match="allowed: none, constant"):
         build_schedule("exponential")
     s = build_schedule("gompertz", w_max=2.0, w0=0.02, p_inflection=0.4)
     assert s.weight(0.0) == pytest.approx(0.02) and s.p_inflection == pytest.approx(0.4)

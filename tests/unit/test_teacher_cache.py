@@ -27,7 +27,8 @@ def images():
 
 
 def losses(variant="logit", gm=0.5, w=0.5):
-    return LossesConfig(wasserstein_weight=w, grad_match_weight=gm, grad_match={"variant": variant})
+    """(loss settings, term weights) of the full objective."""
+    return LossesConfig(grad_match={"variant": variant}), {"kd": 1.0, "wasserstein": w, "grad_match": gm}
 
 
 def make_teacher():
@@ -38,7 +39,8 @@ def make_teacher():
 def make_distiller(teacher, cfg=None):
     torch.manual_seed(2)  # the same student initialisation in every run
     student = build_model("digits_cnn", CLASSES, in_channels=C, width=0.5)
-    return Distiller(student, teacher, ConstantSchedule(), cfg or losses(), seed=5)
+    settings, weights = cfg or losses()
+    return Distiller(student, teacher, ConstantSchedule(), settings, weights=weights, seed=5)
 
 
 def count_calls(module):
@@ -176,8 +178,8 @@ def params(**runtime):
         "dataset": {"name": "digits", "limit": 200},
         "teacher": {"model": {"name": "digits_cnn", "width": 1.0}, "train": train},
         "student": {"model": {"name": "digits_cnn", "width": 0.5}, "train": train},
-        "method": {"name": "gompertz"},
-        "losses": {"wasserstein_weight": 0.5, "grad_match_weight": 0.5, "grad_match": {"variant": "logit"}},
+        "method": {"name": "gompertz", "gompertz": {"weights": {"wasserstein": 0.5, "grad_match": 0.5}}},
+        "losses": {"grad_match": {"variant": "logit"}},
         "runtime": {"device": "cpu", "progress_bar": False, **runtime},
     }
 
@@ -189,8 +191,13 @@ def test_config_refuses_cache_with_input_gm_or_augmentation():
     with pytest.raises(ConfigError) as err:
         validate_params(p)
     assert "runtime.cache_teacher" in str(err.value) and "input gradient" in str(err.value)
-    p["losses"]["grad_match_weight"] = 0.0
+    p["method"]["gompertz"]["weights"]["grad_match"] = 0.0
     validate_params(p)  # input variant with weight 0 is no gradient matching at all
+    p["method"]["name"] = "kd"
+    p["method"]["gompertz"]["weights"]["grad_match"] = 1.0
+    validate_params(p)  # nor is a method without gradient matching
+    p["method"]["name"] = "gompertz"
+    p["method"]["gompertz"]["weights"]["grad_match"] = 0.0
     p["student"]["train"] = {"augment": True}
     with pytest.raises(ConfigError, match="student.train.augment"):
         validate_params(p)
@@ -198,7 +205,7 @@ def test_config_refuses_cache_with_input_gm_or_augmentation():
     validate_params(p)
     p["runtime"]["cache_teacher"] = False
     p["student"]["train"] = {"augment": True}
-    p["losses"]["grad_match_weight"] = 1.0
+    p["method"]["gompertz"]["weights"]["grad_match"] = 1.0
     validate_params(p)
 
 

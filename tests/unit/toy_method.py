@@ -28,5 +28,5 @@ class ToyDistiller(Distiller):
 
 
 SPEC = MethodSpec("toy", "toy: KD against a sharpened teacher", params=ToyParams,
-                  schedule=lambda p: ConstantSchedule(a=p.a), distiller=ToyDistiller, terms=("kd",),
+                  schedule=lambda p, _: ConstantSchedule(a=p.a), distiller=ToyDistiller, terms=("kd",),
                   metrics=("teacher_confidence",))
