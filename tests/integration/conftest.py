@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from _project import commit_all, make_project
+from _servers import PrefectServer, prefect_server
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -46,6 +47,14 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def live_prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real ``prefect server start`` process (own PREFECT_HOME and sqlite database, every server service
+    running, the scheduler included) for the whole session; stopped at the end whatever happened."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
