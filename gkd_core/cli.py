@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
+
+from gkd_core.cli_support import UserError, load_params_checked, parse_overrides, run_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 logger = logging.getLogger("gkd")
@@ -27,10 +29,6 @@ DataOpt = typer.Option(None, "--data", help="prepared dataset (.pt); prepared on
 Overrides = typer.Option(None, "--set", "-S", help="override a param: -S method.gompertz.c=6.0 (repeatable)")
 
 
-class UserError(Exception):
-    """Bad input the user can fix; shown as one message without a traceback."""
-
-
 def setup_logging(verbose: bool = False) -> None:
     from rich.logging import RichHandler
 
@@ -38,29 +36,9 @@ def setup_logging(verbose: bool = False) -> None:
                         handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
 
 
-def parse_overrides(items: Optional[list[str]]) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. method.gompertz.c=6.0")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def load_checked(params_path: Path, overrides: Optional[list[str]] = None):
     """Validate params and the dataset source (cheap checks only) or raise UserError."""
-    from gkd_core.config import ConfigError, load_params
-    from gkd_core.data import DatasetError, check_dataset_source
-
-    try:
-        params = load_params(params_path, parse_overrides(overrides))
-        check_dataset_source(params.dataset)
-    except (ConfigError, DatasetError) as err:
-        raise UserError(str(err)) from None
-    return params
+    return load_params_checked(params_path, parse_overrides(overrides))
 
 
 def load_or_prepare(params, data_path: Optional[Path]):
@@ -72,15 +50,6 @@ def load_or_prepare(params, data_path: Optional[Path]):
         return prepare_dataset(params.dataset, params.seed)
     except DatasetError as err:
         raise UserError(str(err)) from None
-
-
-def run_cli(fn) -> None:
-    """Run a command body, turning user errors into one line on stderr and exit code 2."""
-    try:
-        fn()
-    except UserError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
 
 
 @app.callback()
