@@ -149,7 +149,8 @@ def schedules(params_path: Path = ParamsOpt, out: Path = typer.Option(Path("repo
               overrides: Optional[list[str]] = Overrides) -> None:
     """Plot every schedule with the configured parameters (PNG)."""
     from gkd_core.config import ConfigError, load_params
-    from gkd_core.schedules import build_schedule, plot_schedules
+    from gkd_core.plots import plot_schedules
+    from gkd_core.schedules import build_schedule
 
     def body() -> None:
         try:

@@ -141,12 +141,12 @@ def write_trained_model(root: Path, result: Any, model_cfg: Any, data: Any, metr
                         out: str | os.PathLike, history_csv: str | os.PathLike, curves_png: str | os.PathLike,
                         title: str) -> None:
     """A training stage's outputs: the model file (with its metrics), the per-epoch CSV, the curves PNG."""
+    from gkd_core.plots import plot_learning_curves
     from gkd_core.runner import save_model
-    from tasks import plots
 
     save_model(result.model, model_cfg, data, root / out, extra=dict(metrics))
     write_history_csv(root / history_csv, result.history)
-    plots.plot_learning_curves(result.history, root / curves_png, title)
+    plot_learning_curves(result.history, root / curves_png, title)
 
 
 def history_columns(history: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -46,7 +46,8 @@ def distill_student(
     """Distil ``params.student`` from the teacher under ``params.method``; write model, metrics, curves."""
     from gkd_core.runner import distill_student as run_distill
     from gkd_core.runner import evaluate_model
-    from gkd_core.schedules import build_schedule, plot_schedules
+    from gkd_core.plots import plot_schedules
+    from gkd_core.schedules import build_schedule
 
     root = Path(root)
     params = common.load_checked_params(root / params_path, overrides, check_dataset=False)

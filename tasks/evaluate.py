@@ -40,7 +40,7 @@ def evaluate(
     threads: Optional[int] = None,
 ) -> dict[str, Any]:
     """Evaluate the student on the test split (with teacher agreement when a teacher file is given)."""
-    from gkd_core.metrics import plot_confusion_matrix
+    from gkd_core.plots import plot_confusion_matrix
     from gkd_core.runner import evaluate_model
 
     root = Path(root)

@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from gkd_core.io import atomic_write, write_json
-from tasks import plots
+from gkd_core.plots import plot_comparison
 from tasks.distill_student import distill_student
 from tasks.evaluate import evaluate
 from tasks.stages import PREPARED, TEACHER
@@ -116,7 +116,7 @@ def write_comparison(points: Sequence[dict[str, Any]], methods: Sequence[str], o
     with atomic_write(paths["md"]) as fh:
         fh.write(comparison_markdown(rows, metric))
     write_json(paths["json"], {"metric": metric, "methods": rows, "points": list(points)})
-    plots.plot_comparison([{"method": r["method"], **r[metric]} for r in rows], metric, paths["png"],
+    plot_comparison([{"method": r["method"], **r[metric]} for r in rows], metric, paths["png"],
                           title=f"{metric} by method")
     logger.info("sweep comparison written to %s", out_dir)
     return {k: str(v) for k, v in paths.items()}
