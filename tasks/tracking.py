@@ -42,8 +42,7 @@ _BATCH = 100  # MLflow's log_batch limit for params and tags (metrics: 1000)
 
 def _mlflow() -> ModuleType:
     """The mlflow package with the submodules used here."""
-    # Lazy: importing mlflow takes as long as importing torch, and a stage run by plain `dvc repro` (no parent
-    # run) never needs it.
+    # lazy: importing mlflow costs about as much as torch, and a stage under plain `dvc repro` never needs it
     import mlflow.entities
     import mlflow.exceptions
     import mlflow.utils.mlflow_tags
@@ -338,30 +337,23 @@ def find_stage_runs(root: str | os.PathLike, parent_run_id: str) -> dict[str, An
 # --- params and metrics as MLflow takes them ---------------------------------------------------------
 
 
-def flatten_numeric(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Nested dict -> ``{"a.b": 1.0}`` keeping finite numbers and bools only (what MLflow metrics take)."""
-    out: dict[str, float] = {}
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for k, v in d.items():
-        key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(flatten_numeric(v, key + "."))
-        elif isinstance(v, bool):
-            out[key] = float(v)
-        elif isinstance(v, (int, float)) and math.isfinite(float(v)):
-            out[key] = float(v)
-    return out
-
-
-def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested params -> dotted keys with string values (what MLflow params take)."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten_params(v, key + "."))
+            yield from _flatten(v, f"{prefix}{k}.")
         else:
-            out[key] = str(v)
-    return out
+            yield f"{prefix}{k}", v
+
+
+def flatten_numeric(d: Mapping[str, Any]) -> dict[str, float]:
+    """Nested dict -> ``{"a.b": 1.0}`` keeping finite numbers and bools only (what MLflow metrics take)."""
+    return {k: float(v) for k, v in _flatten(d)
+            if isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(float(v)))}
+
+
+def flatten_params(d: Mapping[str, Any]) -> dict[str, str]:
+    """Nested params -> dotted keys with string values (what MLflow params take)."""
+    return {k: str(v) for k, v in _flatten(d)}
 
 
 def select_params(flat: Mapping[str, str], keys: Iterable[str]) -> dict[str, str]:
