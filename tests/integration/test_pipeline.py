@@ -226,6 +226,29 @@ def test_changed_param_reruns_only_downstream_stages(clone_project, change: dict
         assert repo.reproduce() == []
 
 
+def test_editing_the_augmentation_code_reruns_the_training_stages(clone_project) -> None:
+    """dvc.yaml's code deps are the stages' real imports: a change to the file that defines the batch
+    augmentation makes DVC see train_teacher and distill_student as changed (no training here: status only)."""
+    import inspect
+
+    import gkd_core.data
+    from _project import REPO
+    from tasks import dvc_ops
+
+    root = clone_project()
+    with dvc_ops.open_repo(root) as repo:
+        assert repo.status() == {}, "the clone should start up to date"
+    source = Path(inspect.getsourcefile(gkd_core.data.batch_augment)).resolve().relative_to(REPO)
+    with open(root / source, "a") as fh:
+        fh.write("# an edit to the augmentation code\n")
+    with dvc_ops.open_repo(root) as repo:
+        changed = repo.status()
+    assert {"train_teacher", "distill_student"} <= set(changed), changed
+    for stage in ("train_teacher", "distill_student"):
+        deps = {Path(p) for entry in changed[stage] if isinstance(entry, dict) for p in entry.get("changed deps", {})}
+        assert any(dep == source or dep in source.parents for dep in deps), (stage, changed[stage])
+
+
 def test_forced_rerun_of_a_deterministic_stage_changes_nothing_downstream(clone_project) -> None:
     """The README's recipe after raw data changed: `dvc repro -f -s prepare_data && dvc repro`. With the
     same data the prepared file comes out byte-identical, so nothing downstream reruns."""
