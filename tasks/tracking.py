@@ -320,20 +320,6 @@ def log_cached_stage(stage: str, root: str | os.PathLike, parent_run_id: str, pa
     return run.run_id
 
 
-def find_stage_runs(root: str | os.PathLike, parent_run_id: str) -> dict[str, Any]:
-    """The nested runs of a parent, by stage name (the latest per stage when a retry made several)."""
-    client = get_client(root)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        order_by=["attributes.start_time ASC"],
-    )
-    out: dict[str, Any] = {}
-    for r in runs:
-        out[r.data.tags.get("gkd.stage", r.info.run_name)] = r
-    return out
-
-
 # --- params and metrics as MLflow takes them ---------------------------------------------------------
 
 
