@@ -41,25 +41,25 @@ def configure_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def option(name: str, default: Any, help: str, *flags: str) -> inspect.Parameter:
-    """A stage-specific CLI option, passed to the stage function as keyword ``name`` (``--name`` by default;
-    a bool becomes ``--name/--no-name``)."""
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=type(default),
-                             default=typer.Option(default, *flags, help=help))
+def option(name: str, default: Any, help: str, *flags: str, annotation: Any = None,
+           envvar: Optional[str] = None) -> inspect.Parameter:
+    """A CLI option, passed to the stage function as keyword ``name`` (``--name`` unless ``flags`` are given;
+    a bool becomes ``--name/--no-name``); its type is ``annotation``, by default the default's type."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                             annotation=type(default) if annotation is None else annotation,
+                             default=typer.Option(default, *flags, help=help, envvar=envvar))
 
 
 SHARED_OPTIONS = (
-    inspect.Parameter("params_path", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=typer.Option(
-        Path(PARAMS_FILE), "--params", "-p", help="params.yaml to read (validated before any work)")),
-    inspect.Parameter("overrides", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]], default=typer.Option(
-        None, "--set", "-S", help="override a param for this run only: -S method.gompertz.c=6.0 (repeatable)")),
-    inspect.Parameter("out_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
-        None, help="write the outputs under this folder (same layout) instead of the project folder; the "
-                   "prepared data and the teacher are still read from the project")),
-    inspect.Parameter("parent_run_id", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-        None, envvar=PARENT_ENV, help="MLflow run id to nest this stage's run under (the pipeline flow sets it)")),
-    inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-        False, "--verbose", "-v")),
+    option("params_path", Path(PARAMS_FILE), "params.yaml to read (validated before any work)", "--params", "-p",
+           annotation=Path),
+    option("overrides", None, "override a param for this run only: -S method.gompertz.c=6.0 (repeatable)",
+           "--set", "-S", annotation=Optional[list[str]]),
+    option("out_dir", None, "write the outputs under this folder (same layout) instead of the project folder; "
+           "the prepared data and the teacher are still read from the project", annotation=Optional[Path]),
+    option("parent_run_id", None, "MLflow run id to nest this stage's run under (the pipeline flow sets it)",
+           annotation=Optional[str], envvar=PARENT_ENV),
+    option("verbose", False, "debug logging", "--verbose", "-v"),
 )
 
 
