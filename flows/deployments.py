@@ -20,13 +20,19 @@ workers run in a checkout of this repository (``working_dir`` job variable), no 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Optional
 
+import typer
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.exceptions import ObjectNotFound
 
 from flows.pipeline import pipeline, stage_flow
 from flows.promote import promote
 from flows.sweep import sweep
+from tasks.cli import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +60,6 @@ def build_deployments(project_dir: Optional[str] = None) -> list[tuple[RunnerDep
 
 def ensure_work_pools() -> None:
     """Create the "cpu" and "gpu" process work pools when missing."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
-
     with get_client(sync_client=True) as client:
         for name, pool_type in WORK_POOLS.items():
             try:
@@ -80,15 +82,9 @@ def apply_deployments(project_dir: Optional[str] = None) -> list[str]:
 def main(project_dir: Optional[str] = None) -> None:
     """Register the work pools and deployments with the Prefect API in PREFECT_API_URL. Workers run the flows
     in ``--project-dir`` (default: this checkout's absolute path), which must hold the repository there."""
-    from pathlib import Path
-
-    from tasks.common import configure_logging
-
     configure_logging()
     apply_deployments(project_dir or str(Path.cwd().resolve()))
 
 
 if __name__ == "__main__":
-    import typer
-
     typer.run(main)

@@ -23,41 +23,26 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import typer
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
+from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
+from rich.console import Console
+from rich.table import Table
 
-from tasks import common, dvc_ops, tracking
-from tasks.promote import promote_task
-from tasks.register import register_task
-from tasks.stages import EVALUATE_REPORT, STAGE_NAMES, TEACHER_REPORT
-from tasks.sweep import sweep_point_task
+from flows.prefect_tasks import GPU_STAGES, promote_task, register_task, stage_options, stage_task, sweep_point_task
+from gkd_core.cli_support import UserError, load_params_checked, run_cli
+from tasks import dvc_ops, tracking
+from tasks.cli import configure_logging
+from tasks.paths import EVALUATE_REPORT, PARAMS_FILE, TEACHER_REPORT, StagePaths
+from tasks.reports import read_json
+from tasks.stages import STAGE_NAMES
 
 logger = logging.getLogger(__name__)
 
 # The flow's view of dvc.yaml: same stages, same order (tests/integration/test_pipeline.py checks it).
 STAGES: tuple[str, ...] = STAGE_NAMES
-GPU_STAGES = frozenset({"train_teacher", "distill_student"})
-# Retries where a failure can be transient: reading the dataset (network storage), long training (GPU
-# preemption, OOM from a neighbour; the stage resumes from its per-epoch checkpoint). Evaluation and export
-# are deterministic: a failure there is a bug, retrying would only hide it.
-STAGE_RETRIES = {"prepare_data": 2, "train_teacher": 2, "distill_student": 2, "evaluate": 0, "export_onnx": 0}
-RETRY_DELAY_SECONDS = {"prepare_data": 10, "train_teacher": 30, "distill_student": 30, "evaluate": 0, "export_onnx": 0}
 GPU_DEPLOYMENT = "gkd-stage/gpu"
 BASELINES_DIR = "reports/baselines"  # baseline students of `--baselines` (same teacher and seed)
-PARAMS_FILE = "params.yaml"  # dvc.yaml's stage commands read this file
-
-
-@task(name="dvc-stage", cache_policy=NO_CACHE)
-def stage_task(root: str, stage: str, parent_run_id: Optional[str]) -> dict[str, Any]:
-    """Reproduce one DVC stage (with nested MLflow run when ``parent_run_id`` is given)."""
-    params = common.load_checked_params(Path(root) / PARAMS_FILE, check_dataset=False)
-    return dvc_ops.run_stage(root, stage, parent_run_id=parent_run_id, params=params)
-
-
-def stage_options(stage: str) -> dict[str, Any]:
-    return {"name": stage, "retries": STAGE_RETRIES[stage], "retry_delay_seconds": RETRY_DELAY_SECONDS[stage],
-            "tags": ["gpu"] if stage in GPU_STAGES else ["cpu"]}
 
 
 @flow(name="gkd-stage")
@@ -77,8 +62,6 @@ def stage_flow(stage: str, project_dir: str = ".", parent_run_id: Optional[str] 
 
 def _dispatch_to_gpu_pool(root: str, stage: str, parent_run_id: Optional[str]) -> dict[str, Any]:
     """Send a stage to the GPU deployment and wait; data travels through the DVC remote."""
-    from prefect.deployments import run_deployment
-
     upstream = dvc_ops.stage_upstream(root).get(stage, [])
     if upstream:
         dvc_ops.push(root, upstream)
@@ -94,12 +77,12 @@ def _dispatch_to_gpu_pool(root: str, stage: str, parent_run_id: Optional[str]) -
 
 def validate_inputs(root: str | Path) -> Any:
     """All cheap checks before anything runs: params.yaml (every field, model names) and the dataset
-    source. Raises :class:`tasks.common.StageInputError` with one clear message."""
+    source. Raises :class:`gkd_core.cli_support.UserError` with one clear message."""
     root = Path(root)
     for needed in (PARAMS_FILE, "dvc.yaml"):
         if not (root / needed).is_file():
-            raise common.StageInputError(f"{root / needed}: not found (is {root} the project folder?)")
-    return common.load_checked_params(root / PARAMS_FILE)
+            raise UserError(f"{root / needed}: not found (is {root} the project folder?)")
+    return load_params_checked(root / PARAMS_FILE)
 
 
 @flow(name="gkd-pipeline")
@@ -118,11 +101,12 @@ def pipeline(
     """
     log = get_run_logger()
     root = str(Path(project_dir).resolve())
+    paths = StagePaths(Path(root))
     params = validate_inputs(root)
     baselines = [m for m in (baselines or []) if m != params.method.name]
     check_baselines(root, baselines)
     if gpu_dispatch == "deployment" and not dvc_ops.has_remote(root):
-        raise common.StageInputError(
+        raise UserError(
             "gpu_dispatch='deployment' hands data to the GPU workers through a DVC remote, and none is set: "
             "`dvc remote add -d <name> <url>` (s3://, gs://, azure://, ssh://, or a shared directory)")
     parent = tracking.start_parent_run(root, params, run_name=f"pipeline-{flow_run.get_name() or 'local'}",
@@ -138,20 +122,19 @@ def pipeline(
             else:
                 results.append(stage_task.with_options(**stage_options(stage))(root, stage, parent))
             log.info("%s: %s", stage, {True: "ran", False: "up to date", None: "done on the gpu pool"}[results[-1]["ran"]])
-        evaluation = common.read_json(Path(root) / EVALUATE_REPORT)
-        comparison["teacher"] = common.read_json(Path(root) / TEACHER_REPORT).get("test_accuracy")
+        evaluation = read_json(paths.output(EVALUATE_REPORT))
+        comparison["teacher"] = read_json(paths.output(TEACHER_REPORT)).get("test_accuracy")
         tracking.set_run_tags(root, parent, {**tracking.base_tags(root),
                                              "stages_ran": ",".join(r["stage"] for r in results if r["ran"]) or "none"})
-        summary = {k: v for k, v in common.flatten_numeric(evaluation).items() if not k.startswith("per_class")}
+        summary = {k: v for k, v in tracking.flatten_numeric(evaluation).items() if not k.startswith("per_class")}
         parent_run = tracking.StageRun(tracking.get_client(root), parent, root)
         parent_run.log_metrics(summary)
         for name in (PARAMS_FILE, "dvc.yaml", "dvc.lock"):
             parent_run.log_file(name)
         if register_model:
-            registration = register_task.with_options(cache_policy=NO_CACHE)(PARAMS_FILE, root=root,
-                                                                              parent_run_id=parent)
+            registration = register_task(paths, parent_run_id=parent)
         if promote:
-            decision = promote_task.with_options(cache_policy=NO_CACHE)(PARAMS_FILE, root=root)
+            decision = promote_task(paths)
         for method in baselines:  # same teacher, same seed, only the method differs
             point = sweep_point_task.with_options(tags=["gpu"])(method, params.seed, root, BASELINES_DIR, parent)
             comparison[method] = point["test_accuracy"]
@@ -174,13 +157,10 @@ def pipeline(
 def check_baselines(root: str | Path, methods: list[str]) -> None:
     """Each baseline method must give valid params (refused with one message before any stage runs)."""
     for method in methods:
-        common.load_checked_params(Path(root) / PARAMS_FILE, {"method.name": method}, check_dataset=False)
+        load_params_checked(Path(root) / PARAMS_FILE, {"method.name": method}, check_dataset=False)
 
 
 def _print_summary(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="gkd pipeline")
     table.add_column("stage")
     table.add_column("status")
@@ -230,21 +210,22 @@ def main(
     baselines: str = typer.Option("", help="comma-separated methods to distil too for comparison, e.g. none,kd"),
 ) -> None:
     """Run the pipeline flow (bad input ends with one message and exit code 2 before any stage runs)."""
-    common.configure_logging()
+    configure_logging()
     root = params.resolve().parent
-    try:
+
+    def checked_baselines() -> list[str]:
         if params.name != PARAMS_FILE:
-            raise common.StageInputError(
+            raise UserError(
                 f"{params}: dvc.yaml's stages read {PARAMS_FILE} in the project folder; edit that file, or try "
                 "values with `dvc exp run -S key=value`")
         if gpu_dispatch not in ("local", "deployment"):
-            raise common.StageInputError(f"--gpu-dispatch must be local or deployment, got {gpu_dispatch!r}")
+            raise UserError(f"--gpu-dispatch must be local or deployment, got {gpu_dispatch!r}")
         validate_inputs(root)
-        baseline_list = [m.strip() for m in baselines.split(",") if m.strip()]
-        check_baselines(root, baseline_list)
-    except common.StageInputError as err:
-        logger.error("%s", err)
-        raise typer.Exit(2) from None
+        methods = [m.strip() for m in baselines.split(",") if m.strip()]
+        check_baselines(root, methods)
+        return methods
+
+    baseline_list = run_cli(checked_baselines, report=logger.error)
     _print_summary(pipeline(str(root), register_model=register, promote=promote, gpu_dispatch=gpu_dispatch,
                             baselines=baseline_list))
 

@@ -20,30 +20,35 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import typer
 from prefect import flow, get_run_logger
 from prefect.task_runners import ProcessPoolTaskRunner
+from rich.console import Console
+from rich.markdown import Markdown
 
-from flows.pipeline import stage_options, stage_task, validate_inputs
-from tasks import common, tracking
-from tasks.sweep import SUMMARY_METRICS, sweep_point_task, write_comparison
+from flows.pipeline import validate_inputs
+from flows.prefect_tasks import stage_options, stage_task, sweep_point_task
+from gkd_core.cli_support import UserError, load_params_checked, run_cli
+from tasks import tracking
+from tasks.cli import configure_logging
+from tasks.paths import PARAMS_FILE
+from tasks.sweep import POINTS_DIR, SUMMARY_METRICS, write_comparison
 
 logger = logging.getLogger(__name__)
 DEFAULT_METHODS = ["none", "kd", "gompertz"]
 DEFAULT_SEEDS = [0, 1, 2]
 OUT_DIR = "reports/sweep"
-WORK_DIR = "reports/sweep/points"
 
 
 def check_sweep(root: Path, methods: list[str], seeds: list[int], metric: str) -> None:
     """Every (method, seed) must give valid params; the metric must be one the table summarises."""
     if not methods or not seeds:
-        raise common.StageInputError("a sweep needs at least one method and one seed")
+        raise UserError("a sweep needs at least one method and one seed")
     if metric not in SUMMARY_METRICS:
-        raise common.StageInputError(f"metric {metric!r} not summarised; choose one of {', '.join(SUMMARY_METRICS)}")
+        raise UserError(f"metric {metric!r} not summarised; choose one of {', '.join(SUMMARY_METRICS)}")
     for method in methods:
         for seed in seeds:
-            common.load_checked_params(root / "params.yaml", {"method.name": method, "seed": seed},
-                                       check_dataset=False)
+            load_params_checked(root / PARAMS_FILE, {"method.name": method, "seed": seed}, check_dataset=False)
 
 
 @flow(name="gkd-sweep", task_runner=ProcessPoolTaskRunner(max_workers=2))
@@ -70,7 +75,7 @@ def sweep(
         for stage in ("prepare_data", "train_teacher"):
             stage_task.with_options(**stage_options(stage))(str(root), stage, parent)
         futures = [
-            sweep_point_task.submit(method, seed, str(root), WORK_DIR, parent, threads_per_worker)
+            sweep_point_task.submit(method, seed, str(root), POINTS_DIR, parent, threads_per_worker)
             for method in methods for seed in seeds
         ]
         points = [f.result() for f in futures]
@@ -93,23 +98,20 @@ def main(
     metric: str = "test_accuracy",
 ) -> None:
     """Run a sweep of comma-separated methods x seeds and print the comparison table."""
-    import typer
-    from rich.console import Console
-    from rich.markdown import Markdown
-
-    common.configure_logging()
+    configure_logging()
     root = project_dir.resolve()
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+
+    def checked_seeds() -> list[int]:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
         validate_inputs(root)
         check_sweep(root, method_list, seed_list, metric)
-    except ValueError:
-        logger.error("--seeds must be comma-separated integers, got %r", seeds)
-        raise typer.Exit(2) from None
-    except common.StageInputError as err:
-        logger.error("%s", err)
-        raise typer.Exit(2) from None
+        return seed_list
+
+    seed_list = run_cli(checked_seeds, report=logger.error)
     workers = max(1, workers)
     threads = max(1, (os.cpu_count() or 1) // workers)
     result = sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
@@ -118,6 +120,4 @@ def main(
 
 
 if __name__ == "__main__":
-    import typer
-
     typer.run(main)

@@ -15,9 +15,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
+from rich.logging import RichHandler
+
+from gkd_core.cli_support import UserError, load_params_checked, parse_overrides, run_cli
+from gkd_core.config import ConfigError, load_params
+from gkd_core.data import DatasetError, PreparedData, load_prepared, prepare_dataset, save_prepared
+from gkd_core.io import write_json
+from gkd_core.methods import method_schedule, method_spec
+from gkd_core.modelfile import ModelFileError, check_model, read_model
+from gkd_core.plots import plot_schedules
+from gkd_core.runner import distill_student, evaluate_model, save_model, train_teacher
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 logger = logging.getLogger("gkd")
@@ -27,45 +37,17 @@ DataOpt = typer.Option(None, "--data", help="prepared dataset (.pt); prepared on
 Overrides = typer.Option(None, "--set", "-S", help="override a param: -S method.gompertz.c=6.0 (repeatable)")
 
 
-class UserError(Exception):
-    """Bad input the user can fix; shown as one message without a traceback."""
-
-
 def setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
-
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
 
 
-def parse_overrides(items: Optional[list[str]]) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. method.gompertz.c=6.0")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def load_checked(params_path: Path, overrides: Optional[list[str]] = None):
     """Validate params and the dataset source (cheap checks only) or raise UserError."""
-    from gkd_core.config import ConfigError, load_params
-    from gkd_core.data import DatasetError, check_dataset_source
-
-    try:
-        params = load_params(params_path, parse_overrides(overrides))
-        check_dataset_source(params.dataset)
-    except (ConfigError, DatasetError) as err:
-        raise UserError(str(err)) from None
-    return params
+    return load_params_checked(params_path, parse_overrides(overrides))
 
 
-def load_or_prepare(params, data_path: Optional[Path]):
-    from gkd_core.data import DatasetError, load_prepared, prepare_dataset
-
+def load_or_prepare(params, data_path: Optional[Path]) -> PreparedData:
     try:
         if data_path is not None:
             return load_prepared(data_path)
@@ -74,13 +56,15 @@ def load_or_prepare(params, data_path: Optional[Path]):
         raise UserError(str(err)) from None
 
 
-def run_cli(fn) -> None:
-    """Run a command body, turning user errors into one line on stderr and exit code 2."""
+def read_checked_model(path: Path, role: str, data: PreparedData):
+    """A model file read without running code and checked against ``data`` (input shape, classes, the data
+    it was trained on), or UserError with one line."""
     try:
-        fn()
-    except UserError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
+        model, meta = read_model(path)
+        check_model(meta, path, role, data)
+    except ModelFileError as err:
+        raise UserError(str(err)) from None
+    return model
 
 
 @app.callback()
@@ -92,7 +76,6 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
 def prepare(params_path: Path = ParamsOpt, out: Path = typer.Option(Path("data/prepared.pt"), "--out"),
             overrides: Optional[list[str]] = Overrides) -> None:
     """Load the configured dataset, split it and write the uint8 tensor cache."""
-    from gkd_core.data import save_prepared
 
     def body() -> None:
         params = load_checked(params_path, overrides)
@@ -109,7 +92,6 @@ def train_teacher_cmd(params_path: Path = ParamsOpt, data: Optional[Path] = Data
                       checkpoint: Optional[Path] = typer.Option(None, help="full-state checkpoint for resume"),
                       overrides: Optional[list[str]] = Overrides) -> None:
     """Train the teacher network with cross-entropy."""
-    from gkd_core.runner import evaluate_model, save_model, train_teacher
 
     def body() -> None:
         params = load_checked(params_path, overrides)
@@ -130,18 +112,14 @@ def distill(params_path: Path = ParamsOpt, data: Optional[Path] = DataOpt,
             checkpoint: Optional[Path] = typer.Option(None, help="full-state checkpoint for resume"),
             overrides: Optional[list[str]] = Overrides) -> None:
     """Distil the student from a trained teacher under the configured method."""
-    from gkd_core.runner import distill_student, evaluate_model, load_model, save_model
 
     def body() -> None:
         extra = list(overrides or []) + ([f"method.name={method}"] if method else [])
         params = load_checked(params_path, extra)
-        teacher_model = None
-        if params.method.name != "none":
-            try:
-                teacher_model, _ = load_model(teacher)
-            except (FileNotFoundError, ValueError) as err:
-                raise UserError(str(err)) from None
         prepared = load_or_prepare(params, data)
+        teacher_model = None
+        if method_spec(params.method.name).needs_teacher:
+            teacher_model = read_checked_model(teacher, "teacher", prepared)
         result = distill_student(params, prepared, teacher_model, checkpoint_path=checkpoint)
         save_model(result.model, params.student.model, prepared, out, extra=result.summary)
         test = evaluate_model(result.model, prepared, "test", device=params.runtime.device)
@@ -156,17 +134,14 @@ def evaluate(model: Path = typer.Option(..., "--model"), data: Path = typer.Opti
              split: str = typer.Option("test"), teacher: Optional[Path] = typer.Option(None, "--teacher"),
              out: Optional[Path] = typer.Option(None, "--out", help="write the report as JSON")) -> None:
     """Accuracy, top-5, ECE, per-class accuracy and teacher agreement of a saved model."""
-    from gkd_core.data import DatasetError, load_prepared
-    from gkd_core.io import write_json
-    from gkd_core.runner import evaluate_model, load_model
 
     def body() -> None:
         try:
-            net, _ = load_model(model)
-            ref = load_model(teacher)[0] if teacher else None
             prepared = load_prepared(data)
-        except (FileNotFoundError, ValueError, DatasetError) as err:
+        except DatasetError as err:
             raise UserError(str(err)) from None
+        net = read_checked_model(model, "model", prepared)
+        ref = read_checked_model(teacher, "teacher", prepared) if teacher else None
         report = evaluate_model(net, prepared, split, teacher=ref)
         if out:
             write_json(out, report)
@@ -179,9 +154,6 @@ def evaluate(model: Path = typer.Option(..., "--model"), data: Path = typer.Opti
 def schedules(params_path: Path = ParamsOpt, out: Path = typer.Option(Path("reports/schedules.png"), "--out"),
               overrides: Optional[list[str]] = Overrides) -> None:
     """Plot every schedule with the configured parameters (PNG)."""
-    from gkd_core.config import ConfigError, load_params
-    from gkd_core.methods import method_schedule
-    from gkd_core.schedules import plot_schedules
 
     def body() -> None:
         try:

@@ -8,17 +8,11 @@ returned as Python numbers or CPU tensors where noted.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
-
-from .io import atomic_path
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "topk_accuracy",
@@ -28,7 +22,6 @@ __all__ = [
     "expected_calibration_error",
     "agreement",
     "classification_report",
-    "plot_confusion_matrix",
 ]
 
 
@@ -173,49 +166,3 @@ def classification_report(
         if key in report and math.isnan(report[key]):
             report[key] = None
     return report
-
-
-def plot_confusion_matrix(
-    cm: Tensor | Sequence[Sequence[int]],
-    classes: Sequence[str],
-    path: str | os.PathLike,
-    normalize: bool = True,
-    title: str = "Confusion matrix",
-) -> None:
-    """Write a PNG heat map of ``cm[true, predicted]`` to ``path`` (atomically, matplotlib Agg, no pyplot).
-
-    With ``normalize`` each row is divided by its total (recall per class); cells are annotated when there
-    are at most 20 classes.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts = torch.as_tensor(cm, dtype=torch.float64).cpu()
-    n = len(classes)
-    if counts.shape != (n, n):
-        raise ValueError(f"confusion matrix shape {tuple(counts.shape)} does not match {n} class names")
-    values = counts / counts.sum(dim=1, keepdim=True).clamp(min=1) if normalize else counts
-    size = max(4.0, 0.45 * n + 2.0)
-    fig = Figure(figsize=(size + 1.0, size))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    image = ax.imshow(values.numpy(), cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(n), labels=list(classes), rotation=45, ha="right")
-    ax.set_yticks(range(n), labels=list(classes))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if n <= 20:
-        threshold = float(values.max()) / 2.0 if values.numel() else 0.0
-        for i in range(n):
-            for j in range(n):
-                v = float(values[i, j])
-                ax.text(
-                    j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center", fontsize=7,
-                    color="white" if v > threshold else "black",
-                )
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    logger.info("wrote confusion matrix plot %s", path)

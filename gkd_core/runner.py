@@ -29,6 +29,7 @@ from gkd_core.engine import (
 from gkd_core.methods import build_distiller, compute_teacher_cache, describe_objective, method_spec
 from gkd_core.metrics import classification_report
 from gkd_core.modelfile import read_model, save_model
+from gkd_core.schedules import Schedule
 from gkd_core.models import build_model
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class RunResult:
     model: nn.Module  # the trained network, eval mode, on CPU
     history: list[dict[str, float]]
     best_model: Optional[nn.Module] = None  # the same network at its best validation epoch (None: no validation)
+    schedule: Optional[Schedule] = None  # the distillation weight as trained (an adaptive one: its final timing)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,7 +135,8 @@ def _train(
         "parameters": sum(p.numel() for p in student.parameters()),
     }
     summary["objective"] = describe_objective(method) if teacher is not None else "CE"
-    return RunResult(model=student, history=result.history, best_model=best_model, summary=summary)
+    return RunResult(model=student, history=result.history, best_model=best_model, schedule=distiller.schedule,
+                     summary=summary)
 
 
 _ALONE = MethodConfig(name="none")  # a network trained alone: cross-entropy, no teacher

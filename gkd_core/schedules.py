@@ -277,30 +277,3 @@ def schedule_curve(schedule: Schedule, points: int = 201) -> tuple[list[float], 
     """Sample ``(progress, weight)`` on an even grid over [0, 1] (for plots and CSVs)."""
     ps = [i / (points - 1) for i in range(points)]
     return ps, [schedule.weight(p) for p in ps]
-
-
-def plot_schedules(schedules: Sequence[Schedule], path: str, title: str = "Distillation weight w(p)") -> None:
-    """Write a PNG comparing schedules over progress (matplotlib imported lazily, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gkd_core.io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    for s in schedules:
-        xs, ys = schedule_curve(s)
-        label = s.name
-        if isinstance(s, GompertzSchedule):
-            label = f"gompertz (a={s.a:.3g}, w0={s.w0:.2g}, p*={s.p_inflection:.2f})"
-        ax.plot(xs, ys, label=label)
-    ax.set_xlabel("training progress p")
-    ax.set_ylabel("w(p)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)

@@ -12,103 +12,76 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-import typer
-from prefect import task
-
+from gkd_core import runner
+from gkd_core.cli_support import load_params_checked
 from gkd_core.io import write_json
-from tasks import common, plots, tracking
-from tasks.stages import (
-    PREPARED, SCHEDULE_CSV, SCHEDULE_PNG, STAGES, STUDENT, STUDENT_CURVES, STUDENT_HISTORY, STUDENT_REPORT, TEACHER,
+from gkd_core.plots import plot_schedules
+from gkd_core.methods import method_spec
+from gkd_core.schedules import schedule_curve
+from tasks import tracking
+from tasks.cli import stage_app
+from tasks.inputs import load_model_checked, load_prepared_checked
+from tasks.paths import (
+    PARAMS_FILE, PREPARED, SCHEDULE_CSV, SCHEDULE_PNG, STUDENT, STUDENT_CURVES, STUDENT_HISTORY, STUDENT_REPORT,
+    TEACHER, StagePaths,
 )
+from tasks.reports import test_metrics, write_schedule_csv
+from tasks.stages import STAGES
+from tasks.training import write_trained_model
 
 logger = logging.getLogger(__name__)
 STAGE = "distill_student"
+SCHEDULE_POINTS = 101  # rows of reports/plots/schedule.csv
 
 
 def distill_student(
-    params_path: str | Path = "params.yaml",
-    data_path: str | Path = PREPARED,
-    teacher_path: str | Path = TEACHER,
-    out: str | Path = STUDENT,
-    report: str | Path = STUDENT_REPORT,
-    history_csv: str | Path = STUDENT_HISTORY,
-    curves_png: str | Path = STUDENT_CURVES,
-    schedule_csv: str | Path = SCHEDULE_CSV,
-    schedule_png: str | Path = SCHEDULE_PNG,
-    overrides: Optional[dict[str, Any]] = None,
+    paths: StagePaths = StagePaths(),
+    params_path: str | Path = PARAMS_FILE,
+    overrides: Optional[Mapping[str, Any]] = None,
     parent_run_id: Optional[str] = None,
-    root: str | Path = ".",
     run_name: Optional[str] = None,
-    threads: Optional[int] = None,
 ) -> dict[str, Any]:
     """Distil ``params.student`` from the teacher under ``params.method``; write model, metrics, curves."""
-    from gkd_core.runner import distill_student as run_distill
-    from gkd_core.runner import evaluate_model
-    from gkd_core.methods import method_schedule
-    from gkd_core.schedules import plot_schedules
-
-    root = Path(root)
-    params = common.load_checked_params(root / params_path, overrides, check_dataset=False)
-    common.set_torch_threads(threads)
-    data = common.load_prepared_checked(root / data_path)
+    params = load_params_checked(paths.root / params_path, overrides, check_dataset=False)
+    data = load_prepared_checked(paths.input(PREPARED))
     teacher = None
-    if params.method.name != "none":
-        teacher, _ = common.load_model_checked(root / teacher_path, "teacher model", "train_teacher")
-    schedule = method_schedule(params.method)
-    ckpt = common.checkpoint_path(root, f"student-{params.method.name}-seed{params.seed}", data)
-    with tracking.stage_run(STAGE, root, parent_run_id, params=params, run_name=run_name,
+    if method_spec(params.method.name).needs_teacher:
+        teacher, _ = load_model_checked(paths.input(TEACHER), "teacher", "train_teacher", data, params.teacher.model,
+                                        "teacher.model")
+    ckpt = paths.checkpoint(f"student-{params.method.name}-seed{params.seed}", data)
+    with tracking.stage_run(STAGE, paths.root, parent_run_id, params=params, run_name=run_name,
                             tags={"method": params.method.name, "seed": str(params.seed)}) as run:
-        result = run_distill(params, data, teacher, checkpoint_path=ckpt, callbacks=[run.callback])
-        test = evaluate_model(result.model, data, "test", teacher=teacher, device=params.runtime.device)
+        result = runner.distill_student(params, data, teacher, checkpoint_path=ckpt, callbacks=[run.callback])
+        test = runner.evaluate_model(result.model, data, "test", teacher=teacher, device=params.runtime.device)
+        schedule = result.schedule  # as trained (an adaptive schedule's final timing)
         metrics = {
             **result.summary,
             "model": params.student.model.name,
-            **common.test_metrics(test),
+            **test_metrics(test),
             "final_weight": result.history[-1].get("weight") if result.history else None,
-            "schedule": schedule.state_dict(),
+            "schedule": {k: v for k, v in schedule.state_dict().items() if k != "observations"},
         }
+        if result.best_model is not None:  # the protocol of the KD literature: test top-1 at the best val epoch
+            metrics["best_val_test_accuracy"] = runner.evaluate_model(result.best_model, data, "test",
+                                                                      device=params.runtime.device)["accuracy"]
         if "agreement" in test:
             metrics["agreement"] = test["agreement"]
-        common.write_trained_model(root, result, params.student.model, data, metrics, out, history_csv, curves_png,
-                                   f"student {params.student.model.name} [{params.method.name}]")
-        plots.write_schedule_csv(schedule, root / schedule_csv)
-        plot_schedules([schedule], str(root / schedule_png), title=f"distillation weight: {params.method.name}")
-        write_json(root / report, metrics)
-        tracking.log_stage_files(run, STAGES[STAGE], paths={
-            STUDENT_REPORT: str(report), STUDENT_HISTORY: str(history_csv), STUDENT_CURVES: str(curves_png),
-            SCHEDULE_CSV: str(schedule_csv), SCHEDULE_PNG: str(schedule_png)})
+        write_trained_model(result, params.student.model, data, metrics, paths.output(STUDENT),
+                            paths.output(STUDENT_HISTORY), paths.output(STUDENT_CURVES),
+                            f"student {params.student.model.name} [{params.method.name}]")
+        write_schedule_csv(schedule_curve(schedule, SCHEDULE_POINTS), paths.output(SCHEDULE_CSV))
+        plot_schedules([schedule], paths.output(SCHEDULE_PNG), title=f"distillation weight: {params.method.name}")
+        write_json(paths.output(STUDENT_REPORT), metrics)
+        tracking.log_stage_files(run, STAGES[STAGE], paths)
     ckpt.unlink(missing_ok=True)
     logger.info("student %s [%s]: val %.4f, test %.4f -> %s", params.student.model.name, params.method.name,
-                metrics["final_val_accuracy"], metrics["test_accuracy"], out)
+                metrics["final_val_accuracy"], metrics["test_accuracy"], paths.output(STUDENT))
     return metrics
 
 
-distill_student_task = task(distill_student, name=STAGE, retries=1, retry_delay_seconds=30, tags=["gpu"])
-
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
-
-
-@app.command()
-def main(
-    params_path: Path = typer.Option(Path("params.yaml"), "--params", "-p", help=common.PARAMS_HELP),
-    data: Path = typer.Option(Path(PREPARED), help="prepared dataset"),
-    teacher: Path = typer.Option(Path(TEACHER), help="teacher model file"),
-    out: Path = typer.Option(Path(STUDENT), help="student model file"),
-    report: Path = typer.Option(Path(STUDENT_REPORT), help="metrics JSON"),
-    history: Path = typer.Option(Path(STUDENT_HISTORY), help="per-epoch CSV"),
-    curves: Path = typer.Option(Path(STUDENT_CURVES), help="learning-curve PNG"),
-    schedule_csv: Path = typer.Option(Path(SCHEDULE_CSV), help="w(p) curve CSV"),
-    schedule_png: Path = typer.Option(Path(SCHEDULE_PNG), help="w(p) curve PNG"),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", "-S", help=common.SET_HELP),
-    parent_run_id: Optional[str] = typer.Option(None, envvar=tracking.PARENT_ENV, help=common.PARENT_HELP),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-) -> None:
-    """Distil the student (validated params first; bad input ends with one message, exit code 2)."""
-    common.run_cli(lambda: distill_student(params_path, data, teacher, out, report, history, curves, schedule_csv,
-                                           schedule_png, common.parse_overrides(overrides), parent_run_id), verbose)
-
+app = stage_app(distill_student, __doc__)
 
 if __name__ == "__main__":
     app()

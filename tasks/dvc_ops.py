@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from dvc.repo import Repo
+
 from tasks import tracking
 
 logger = logging.getLogger(__name__)
@@ -27,8 +29,6 @@ _PROCESS_STATE = threading.RLock()  # guards os.environ / cwd changes made for D
 def open_repo(root: str | os.PathLike) -> Iterator[Any]:
     """The DVC repository at ``root``, with the process inside it: DVC resolves targets and output paths
     against the working directory, so a flow started elsewhere (or a test) must not leave it outside."""
-    from dvc.repo import Repo
-
     # `import dvc` gives the "dvc" logger its own console handler: no second copy through the root logger,
     # and no "git add ..." hints (the flow does not commit; people do).
     logging.getLogger("dvc").propagate = False

@@ -21,24 +21,24 @@ import datetime as dt
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import typer
-from prefect import task
+from mlflow.exceptions import MlflowException
 
+from gkd_core.cli_support import load_params_checked
 from gkd_core.io import atomic_write, write_json
-from tasks import common, tracking
+from tasks import tracking
+from tasks.cli import option, stage_app
+from tasks.paths import PARAMS_FILE, PROMOTE_JSON, PROMOTE_MD, StagePaths
 
 logger = logging.getLogger(__name__)
 CHALLENGER = "challenger"
 CHAMPION = "champion"
-PROMOTE_JSON = "reports/promote.json"
-PROMOTE_MD = "reports/promote.md"
+REFUSED_EXIT_CODE = 3  # --fail-on-refuse
 
 
 def _version_by_alias(client: Any, name: str, alias: str) -> Optional[Any]:
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:  # no such alias, or no such registered model
@@ -49,8 +49,6 @@ def describe_version(client: Any, mv: Any, metric: str) -> dict[str, Any]:
     """What promotion needs to know about a model version: its metric (from its run) and parity."""
     value = None
     if mv.run_id:
-        from mlflow.exceptions import MlflowException
-
         try:
             value = client.get_run(mv.run_id).data.metrics.get(metric)
         except MlflowException:
@@ -113,16 +111,19 @@ def _markdown(record: dict[str, Any]) -> str:
 
 
 def promote(
-    params_path: str | Path = "params.yaml",
-    root: str | Path = ".",
-    report_json: str | Path = PROMOTE_JSON,
-    report_md: str | Path = PROMOTE_MD,
+    paths: StagePaths = StagePaths(),
+    params_path: str | Path = PARAMS_FILE,
+    overrides: Optional[Mapping[str, Any]] = None,
+    parent_run_id: Optional[str] = None,
     challenger_alias: str = CHALLENGER,
     champion_alias: str = CHAMPION,
 ) -> dict[str, Any]:
-    """Decide, move the alias when promoted, record the decision everywhere; returns the record."""
-    root = Path(root)
-    params = common.load_checked_params(root / params_path, check_dataset=False)
+    """Decide, move the alias when promoted, record the decision everywhere; returns the record.
+
+    The decision run is a top-level run of ``params.mlflow.experiment``, or nested under ``parent_run_id``.
+    """
+    root = paths.root
+    params = load_params_checked(root / params_path, overrides, check_dataset=False)
     cfg, name = params.promote, params.mlflow.registered_model_name
     client = tracking.get_client(root)
     mv_challenger = _version_by_alias(client, name, challenger_alias)
@@ -149,23 +150,24 @@ def promote(
         for key, value in (("decision", decision), ("reason", reason[:5000]), ("at", now),
                            ("compared_with", champion["version"] if champion else "none")):
             client.set_model_version_tag(name, challenger["version"], f"promote.{key}", value)
-    write_json(root / report_json, record)
-    with atomic_write(root / report_md) as fh:
+    write_json(paths.output(PROMOTE_JSON), record)
+    with atomic_write(paths.output(PROMOTE_MD)) as fh:
         fh.write(_markdown(record))
-    experiment_id = tracking.ensure_experiment(client, params.mlflow.experiment, root)
+    parent_run_id = tracking.parent_from_env(parent_run_id)
+    experiment_id = tracking.experiment_for(client, params.mlflow.experiment, root, parent_run_id)
     run = tracking.StageRun(client, tracking.create_run(client, experiment_id, "promote", {
         **tracking.base_tags(root), "gkd.stage": "promote", "promote.decision": decision,
         "promote.challenger": challenger["version"] if challenger else "none",
         "promote.champion_before": champion["version"] if champion else "none",
-        "promote.champion_after": champion_after or "none"}), root)
+        "promote.champion_after": champion_after or "none"}, parent_run_id), root)
     run.log_params({"metric": cfg.metric, "higher_is_better": cfg.higher_is_better,
                     "min_improvement": cfg.min_improvement, "model": name})
     run.log_metrics({k: v for k, v in (("challenger_value", (challenger or {}).get("value")),
                                        ("champion_value", (champion or {}).get("value")),
                                        ("improvement", improvement),
                                        ("promoted", 1.0 if decision == "promoted" else 0.0)) if v is not None})
-    run.log_artifact(root / report_json, "reports")
-    run.log_artifact(root / report_md, "reports")
+    run.log_file(PROMOTE_JSON, paths.out_dir)
+    run.log_file(PROMOTE_MD, paths.out_dir)
     client.set_terminated(run.run_id, "FINISHED")
     record["decision_run_id"] = run.run_id
     log = logger.info if decision != "refused" else logger.warning
@@ -173,27 +175,16 @@ def promote(
     return record
 
 
-promote_task = task(promote, name="promote", retries=2, retry_delay_seconds=10)
+def promote_cli(paths: StagePaths, fail_on_refuse: bool = False, **options: Any) -> dict[str, Any]:
+    """:func:`promote`, then exit code 3 for a refusal when ``fail_on_refuse``."""
+    record = promote(paths, **options)
+    if fail_on_refuse and record["decision"] == "refused":
+        raise typer.Exit(REFUSED_EXIT_CODE)
+    return record
 
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
 
-
-@app.command()
-def main(
-    params_path: Path = typer.Option(Path("params.yaml"), "--params", "-p", help=common.PARAMS_HELP),
-    fail_on_refuse: bool = typer.Option(False, help="exit with code 3 when the challenger is refused"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-) -> None:
-    """Compare challenger and champion; move the champion alias when the challenger is better."""
-    outcome: dict[str, Any] = {}
-
-    def body() -> None:
-        outcome.update(promote(params_path))
-
-    common.run_cli(body, verbose)
-    if fail_on_refuse and outcome.get("decision") == "refused":
-        raise typer.Exit(3)
-
+app = stage_app(promote_cli, __doc__,
+                option("fail_on_refuse", False, "exit with code 3 when the challenger is refused"))
 
 if __name__ == "__main__":
     app()

@@ -14,13 +14,19 @@ import logging
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-import typer
-from prefect import task
+import mlflow
+import torch
+from mlflow.models import infer_signature
 
-from tasks import common, tracking
-from tasks.stages import EVALUATE_REPORT, EXPORT_REPORT, ONNX, PREPARED, STUDENT, STUDENT_REPORT
+from gkd_core.cli_support import load_params_checked
+from tasks import tracking
+from tasks.cli import option, stage_app
+from tasks.export_onnx import example_batch
+from tasks.inputs import load_model_checked, load_prepared_checked, require_file
+from tasks.paths import EVALUATE_REPORT, EXPORT_REPORT, ONNX, PARAMS_FILE, PREPARED, STUDENT, STUDENT_REPORT, StagePaths
+from tasks.reports import read_json
 
 logger = logging.getLogger(__name__)
 STAGE = "register"
@@ -40,60 +46,46 @@ def pip_requirements() -> list[str]:
 
 
 def register(
-    params_path: str | Path = "params.yaml",
-    student_path: str | Path = STUDENT,
-    onnx_path: str | Path = ONNX,
-    data_path: str | Path = PREPARED,
-    evaluate_report: str | Path = EVALUATE_REPORT,
-    export_report: str | Path = EXPORT_REPORT,
-    student_report: str | Path = STUDENT_REPORT,
-    alias: str = CHALLENGER,
+    paths: StagePaths = StagePaths(),
+    params_path: str | Path = PARAMS_FILE,
+    overrides: Optional[Mapping[str, Any]] = None,
     parent_run_id: Optional[str] = None,
-    root: str | Path = ".",
+    alias: str = CHALLENGER,
 ) -> dict[str, Any]:
     """Log and register the student; returns ``{name, version, run_id, model_uri, alias, onnx_parity, ...}``.
 
-    Every input is checked first (missing reports or models raise StageInputError and nothing is
-    registered).
+    Every input is checked first (missing reports or models raise UserError and nothing is registered).
     """
-    root = Path(root)
-    params = common.load_checked_params(root / params_path, check_dataset=False)
-    for path, what, stage in ((student_path, "student model", "distill_student"), (onnx_path, "ONNX model", "export_onnx"),
-                              (evaluate_report, "evaluation report", "evaluate"),
-                              (export_report, "export report", "export_onnx")):
-        common.require_file(root / path, what, stage)
-    evaluation = common.read_json(root / evaluate_report)
-    export = common.read_json(root / export_report)
-    training = common.read_json(root / student_report) if (root / student_report).is_file() else {}
-    student, meta = common.load_model_checked(root / student_path, "student model", "distill_student")
-    data = common.load_prepared_checked(root / data_path)
-
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    from tasks.export_onnx import example_batch
+    root = paths.root
+    params = load_params_checked(root / params_path, overrides, check_dataset=False)
+    for rel, what, stage in ((STUDENT, "student model", "distill_student"), (ONNX, "ONNX model", "export_onnx"),
+                             (EVALUATE_REPORT, "evaluation report", "evaluate"),
+                             (EXPORT_REPORT, "export report", "export_onnx")):
+        require_file(paths.input(rel), what, stage)
+    evaluation = read_json(paths.input(EVALUATE_REPORT))
+    export = read_json(paths.input(EXPORT_REPORT))
+    training = read_json(paths.input(STUDENT_REPORT)) if paths.input(STUDENT_REPORT).is_file() else {}
+    data = load_prepared_checked(paths.input(PREPARED))
+    student, meta = load_model_checked(paths.input(STUDENT), "student", "distill_student", data,
+                                       params.student.model, "student.model")
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in logs
     name = params.mlflow.registered_model_name
-    parent_run_id = parent_run_id or os.environ.get(tracking.PARENT_ENV, "").strip() or None
+    parent_run_id = tracking.parent_from_env(parent_run_id)
     client = tracking.get_client(root)
-    if parent_run_id:
-        experiment_id = client.get_run(parent_run_id).info.experiment_id
-    else:
-        experiment_id = tracking.ensure_experiment(client, params.mlflow.experiment, root)
+    experiment_id = tracking.experiment_for(client, params.mlflow.experiment, root, parent_run_id)
 
     x = example_batch(data, INPUT_EXAMPLE_ROWS)
     with torch.no_grad():
         logits = student(x)
     x_np, logits_np = x.numpy(), logits.numpy()
     parity = "passed" if export.get("passed") else "failed"
-    onnx_artifact = f"extra_files/{Path(onnx_path).name}"
+    onnx_artifact = f"extra_files/{Path(ONNX).name}"
     provenance = tracking.base_tags(root)
     tags = {**provenance, "gkd.stage": STAGE, "cached": "false", "method": str(evaluation.get("method")),
             "onnx_parity": parity}
-    metrics = common.flatten_numeric({k: v for k, v in evaluation.items() if k != "per_class_accuracy"})
-    metrics.update(common.flatten_numeric({f"train_{k}": v for k, v in training.items()
+    metrics = tracking.flatten_numeric({k: v for k, v in evaluation.items() if k != "per_class_accuracy"})
+    metrics.update(tracking.flatten_numeric({f"train_{k}": v for k, v in training.items()
                                            if k in ("best_val_accuracy", "final_val_accuracy", "train_seconds")}))
     metrics["onnx_parity_passed"] = 1.0 if parity == "passed" else 0.0
     if export.get("max_abs_diff") is not None:
@@ -102,20 +94,20 @@ def register(
             mlflow.start_run(experiment_id=experiment_id, run_name=STAGE, tags=tags, parent_run_id=parent_run_id) as run:
         run_id = run.info.run_id
         mlflow.log_metrics(metrics)
-        mlflow.log_params({"registered_model_name": name, "student.model.name": meta["model"]["name"],
-                           "student.model.width": meta["model"].get("width"), "classes": len(meta["classes"])})
-        for rel in (evaluate_report, export_report):
-            mlflow.log_artifact(str(root / rel), "reports")
+        mlflow.log_params({"registered_model_name": name, "student.model.name": meta.model.name,
+                           "student.model.width": meta.model.width, "classes": len(meta.classes)})
+        for rel in (EVALUATE_REPORT, EXPORT_REPORT):
+            mlflow.log_artifact(str(paths.input(rel)), "reports")
         info = mlflow.pytorch.log_model(
             student,
             name="model",
             signature=infer_signature(x_np, logits_np),
             input_example=x_np,
             pip_requirements=pip_requirements(),
-            extra_files=[str(root / onnx_path)],
+            extra_files=[str(paths.input(ONNX))],
             registered_model_name=name,
-            metadata={"classes": list(meta["classes"]), "mean": meta["mean"], "std": meta["std"],
-                      "image_size": meta["image_size"], "in_channels": meta["in_channels"],
+            metadata={"classes": list(meta.classes), "mean": meta.mean, "std": meta.std,
+                      "image_size": meta.image_size, "in_channels": meta.in_channels,
                       "onnx_file": onnx_artifact, "input_name": "input", "output_name": "logits"},
         )
     mv_version = str(info.registered_model_version)
@@ -134,7 +126,7 @@ def register(
     metric = params.promote.metric
     client.update_model_version(
         name, mv_version,
-        description=(f"{meta['model']['name']} student, method {evaluation.get('method')}: "
+        description=(f"{meta.model.name} student, method {evaluation.get('method')}: "
                      f"{metric} {evaluation.get(metric)}, ONNX parity {parity}"),
     )
     client.set_registered_model_alias(name, alias, mv_version)
@@ -148,25 +140,7 @@ def register(
     return result
 
 
-register_task = task(register, name=STAGE, retries=2, retry_delay_seconds=10)
-
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
-
-
-@app.command()
-def main(
-    params_path: Path = typer.Option(Path("params.yaml"), "--params", "-p", help=common.PARAMS_HELP),
-    student: Path = typer.Option(Path(STUDENT), help="student model file"),
-    onnx: Path = typer.Option(Path(ONNX), help="the student's ONNX file"),
-    data: Path = typer.Option(Path(PREPARED), help="prepared dataset (input example)"),
-    alias: str = typer.Option(CHALLENGER, help="alias to point at the new version"),
-    parent_run_id: Optional[str] = typer.Option(None, envvar=tracking.PARENT_ENV, help=common.PARENT_HELP),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-) -> None:
-    """Register the student (needs the evaluate and export_onnx outputs)."""
-    common.run_cli(lambda: register(params_path, student, onnx, data, alias=alias, parent_run_id=parent_run_id),
-                   verbose)
-
+app = stage_app(register, __doc__, option("alias", CHALLENGER, "alias to point at the new version"))
 
 if __name__ == "__main__":
     app()

@@ -1,31 +1,19 @@
-"""The pipeline's stages and the files each one writes: one table, used by the stage defaults, the
-MLflow logging of a stage (live or from its cached outputs) and the test that keeps dvc.yaml in step."""
+"""The pipeline's stages and the files each one writes: one table, used by the MLflow logging of a stage
+(live or from its cached outputs) and the test that keeps dvc.yaml in step. The paths are the relative
+layout of tasks/paths.py; a :class:`tasks.paths.StagePaths` places them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tasks.paths import (
+    CONFUSION_CSV, CONFUSION_PNG, DATA_REPORT, EVALUATE_REPORT, EXPORT_REPORT, ONNX, PREPARED, SCHEDULE_CSV,
+    SCHEDULE_PNG, STUDENT, STUDENT_CURVES, STUDENT_HISTORY, STUDENT_REPORT, TEACHER, TEACHER_CURVES,
+    TEACHER_HISTORY, TEACHER_REPORT,
+)
+
 # Order matters: it is the dependency order of dvc.yaml.
 STAGE_NAMES = ("prepare_data", "train_teacher", "distill_student", "evaluate", "export_onnx")
-
-PREPARED = "data/prepared.pt"
-TEACHER = "models/teacher.pt"
-STUDENT = "models/student.pt"
-ONNX = "models/student.onnx"
-DATA_REPORT = "reports/data.json"
-TEACHER_REPORT = "reports/teacher.json"
-STUDENT_REPORT = "reports/student.json"
-EVALUATE_REPORT = "reports/evaluate.json"
-EXPORT_REPORT = "reports/export.json"
-TEACHER_HISTORY = "reports/plots/teacher_history.csv"
-STUDENT_HISTORY = "reports/plots/student_history.csv"
-TEACHER_CURVES = "reports/plots/teacher_curves.png"
-STUDENT_CURVES = "reports/plots/student_curves.png"
-SCHEDULE_CSV = "reports/plots/schedule.csv"
-SCHEDULE_PNG = "reports/plots/schedule.png"
-CONFUSION_CSV = "reports/plots/confusion.csv"
-CONFUSION_PNG = "reports/plots/confusion.png"
-CHECKPOINT_DIR = "checkpoints"  # resume state of interrupted training; not a DVC output (git-ignored)
 
 
 @dataclass(frozen=True)

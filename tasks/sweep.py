@@ -1,5 +1,7 @@
 """Sweep points and the comparison table: one (method, seed) = distill_student + evaluate against the
-pipeline's prepared data and teacher; the table gives mean ± std over seeds per method.
+pipeline's prepared data and teacher, every output under ``reports/sweep/points/<method>-seed<n>/`` (the
+project's layout below it: models/student.pt, reports/evaluate.json, ...); the table gives mean ± std over
+seeds per method.
 
 The sweep flow (flows/sweep.py) runs the points as parallel Prefect tasks in separate processes (torch's
 global RNG and thread pool are per process, so parallel points stay reproducible).
@@ -13,16 +15,16 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+import torch
 
 from gkd_core.io import atomic_write, write_json
-from tasks import plots
+from gkd_core.plots import plot_comparison
 from tasks.distill_student import distill_student
 from tasks.evaluate import evaluate
-from tasks.stages import PREPARED, TEACHER
+from tasks.paths import PARAMS_FILE, StagePaths
 
 logger = logging.getLogger(__name__)
+POINTS_DIR = "reports/sweep/points"
 SUMMARY_METRICS = ("test_accuracy", "agreement", "test_ece", "test_nll", "best_val_accuracy", "train_seconds")
 
 
@@ -34,35 +36,28 @@ def sweep_point(
     method: str,
     seed: int,
     root: str,
-    work_dir: str = "reports/sweep/points",
+    work_dir: str = POINTS_DIR,
     parent_run_id: Optional[str] = None,
     threads: Optional[int] = None,
-    params_path: str = "params.yaml",
+    params_path: str = PARAMS_FILE,
 ) -> dict[str, Any]:
-    """Distil and evaluate one student with ``method.name=method`` and ``seed=seed``; returns its metrics."""
+    """Distil and evaluate one student with ``method.name=method`` and ``seed=seed`` under
+    ``<root>/<work_dir>/<method>-seed<seed>/``; returns its metrics. ``threads`` limits torch's intra-op
+    threads (parallel points share the cores; each point runs in a process of its own)."""
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
     name = point_name(method, seed)
     out = Path(work_dir) / name
+    paths = StagePaths(Path(root), out)
     overrides = {"method.name": method, "seed": seed}
-    train = distill_student(
-        params_path, PREPARED, TEACHER, out=out / "student.pt", report=out / "student.json",
-        history_csv=out / "history.csv", curves_png=out / "curves.png", schedule_csv=out / "schedule.csv",
-        schedule_png=out / "schedule.png", overrides=overrides, parent_run_id=parent_run_id, root=root,
-        run_name=name, threads=threads,
-    )
-    ev = evaluate(
-        params_path, PREPARED, out / "student.pt", TEACHER, report=out / "evaluate.json",
-        confusion_csv=out / "confusion.csv", confusion_png=out / "confusion.png", overrides=overrides,
-        parent_run_id=parent_run_id, root=root, run_name=f"{name}-evaluate", threads=threads,
-    )
+    train = distill_student(paths, params_path, overrides, parent_run_id, run_name=name)
+    ev = evaluate(paths, params_path, overrides, parent_run_id, run_name=f"{name}-evaluate")
     return {
         "method": method, "seed": seed, "dir": str(out),
         "test_accuracy": ev.get("test_accuracy"), "agreement": ev.get("agreement"), "test_ece": ev.get("test_ece"),
         "test_nll": ev.get("test_nll"), "best_val_accuracy": train.get("best_val_accuracy"),
         "train_seconds": train.get("train_seconds"),
     }
-
-
-sweep_point_task = task(sweep_point, name="sweep-point", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
 
 
 def _clean(values: Sequence[Any]) -> list[float]:
@@ -116,7 +111,7 @@ def write_comparison(points: Sequence[dict[str, Any]], methods: Sequence[str], o
     with atomic_write(paths["md"]) as fh:
         fh.write(comparison_markdown(rows, metric))
     write_json(paths["json"], {"metric": metric, "methods": rows, "points": list(points)})
-    plots.plot_comparison([{"method": r["method"], **r[metric]} for r in rows], metric, paths["png"],
+    plot_comparison([{"method": r["method"], **r[metric]} for r in rows], metric, paths["png"],
                           title=f"{metric} by method")
     logger.info("sweep comparison written to %s", out_dir)
     return {k: str(v) for k, v in paths.items()}

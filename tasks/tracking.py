@@ -9,7 +9,8 @@
 * Without a parent id, stages log nothing: plain ``dvc repro`` needs no MLflow.
 
 Runs are driven through ``MlflowClient`` with explicit run ids (no fluent "active run"), so this works the
-same from Prefect task threads and from stage subprocesses. mlflow is imported lazily.
+same from Prefect task threads and from stage subprocesses. mlflow is imported on first use only (see
+:func:`_mlflow`). Also here: params and metrics flattened to the dotted keys MLflow takes.
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from types import ModuleType
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
-from tasks import common
-from tasks.stages import DATA_REPORT, PREPARED, STAGES, StageSpec
+import yaml
+
+from tasks import provenance
+from tasks.paths import DATA_REPORT, PREPARED, StagePaths
+from tasks.reports import read_history_csv, read_json
+from tasks.stages import STAGES, StageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +38,16 @@ PARENT_ENV = "GKD_MLFLOW_PARENT_RUN_ID"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 _BATCH = 100  # MLflow's log_batch limit for params and tags (metrics: 1000)
+
+
+def _mlflow() -> ModuleType:
+    """The mlflow package with the submodules used here."""
+    # lazy: importing mlflow costs about as much as torch, and a stage under plain `dvc repro` never needs it
+    import mlflow.entities
+    import mlflow.exceptions
+    import mlflow.utils.mlflow_tags
+
+    return mlflow
 
 
 def tracking_uri(root: str | os.PathLike = ".") -> str:
@@ -47,16 +63,12 @@ def is_local_store(uri: str) -> bool:
 
 
 def get_client(root: str | os.PathLike = "."):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri(root))
+    return _mlflow().MlflowClient(tracking_uri(root))
 
 
 def ensure_experiment(client: Any, name: str, root: str | os.PathLike = ".") -> str:
     """The experiment's id, creating it with artifacts under ``<project>/mlartifacts/<name>`` for a
     database store without a server (a tracking server chooses its own artifact root)."""
-    from mlflow.exceptions import MlflowException
-
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -68,7 +80,7 @@ def ensure_experiment(client: Any, name: str, root: str | os.PathLike = ".") -> 
         location = (Path(root).resolve() / DEFAULT_ARTIFACTS / safe).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # created concurrently by another process
+    except _mlflow().exceptions.MlflowException:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
@@ -78,20 +90,20 @@ def ensure_experiment(client: Any, name: str, root: str | os.PathLike = ".") -> 
 def base_tags(root: str | os.PathLike = ".") -> dict[str, str]:
     """Provenance tags: git commit (and dirtiness), DVC's md5 of the prepared data, gkd's data hash."""
     tags: dict[str, str] = {}
-    commit = common.git_commit(root)
+    commit = provenance.git_commit(root)
     if commit:
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit
-    dirty = common.git_dirty(root)
+    dirty = provenance.git_dirty(root)
     if dirty is not None:
         tags["git_dirty"] = str(dirty).lower()
-    md5 = common.dvc_lock_md5(root, PREPARED)
+    md5 = provenance.dvc_lock_md5(root, PREPARED)
     if md5:
         tags["dvc_data_md5"] = md5
     data_report = Path(root) / DATA_REPORT
     if data_report.is_file():
         try:
-            data_hash = common.read_json(data_report).get("hash")
+            data_hash = read_json(data_report).get("hash")
         except ValueError:
             data_hash = None
         if data_hash:
@@ -105,8 +117,7 @@ def fluent_mlflow(uri: str, experiment_id: str) -> Iterator[None]:
     the block, then put the process back: ``mlflow.set_tracking_uri`` and ``mlflow.set_experiment`` also write
     MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID into os.environ, which would leak into every later stage
     and flow run of a long-lived process (a Prefect worker, a test session)."""
-    import mlflow
-
+    mlflow = _mlflow()
     env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")
     saved_env = {k: os.environ.get(k) for k in env_keys}
     previous_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
@@ -146,12 +157,10 @@ class StageRun:
     def callback(self, name: str, value: float, step: int) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
         if self._step is not None and step != self._step:
             self.flush()
         self._step = step
-        self._pending.append(Metric(_metric_key(name), float(value), int(time.time() * 1000), int(step)))
+        self._pending.append(_mlflow().entities.Metric(_metric_key(name), float(value), int(time.time() * 1000), int(step)))
 
     def flush(self) -> None:
         """Send the buffered metrics. A tracking hiccup during training is logged, not fatal."""
@@ -168,10 +177,8 @@ class StageRun:
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000)
-        items = [Metric(_metric_key(k), float(v), ts, step) for k, v in metrics.items()
+        items = [_mlflow().entities.Metric(_metric_key(k), float(v), ts, step) for k, v in metrics.items()
                  if v is not None and math.isfinite(float(v))]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
@@ -179,18 +186,14 @@ class StageRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled or not params:
             return
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [_mlflow().entities.Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + _BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.enabled or not tags:
             return
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        items = [_mlflow().entities.RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, tags=items[i:i + _BATCH])
 
@@ -198,9 +201,10 @@ class StageRun:
         if self.enabled:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_file(self, rel_path: str) -> bool:
-        """Log ``<root>/<rel_path>`` under its own folder (``reports/plots/x.png`` -> ``reports/plots``)."""
-        path = self.root / rel_path
+    def log_file(self, rel_path: str, base: Optional[str | os.PathLike] = None) -> bool:
+        """Log ``<base>/<rel_path>`` (``base``: the project root by default) under ``rel_path``'s own folder
+        (``reports/plots/x.png`` -> ``reports/plots``), so a run's artifacts look the same wherever it wrote."""
+        path = Path(self.root if base is None else base) / rel_path
         if not self.enabled or not path.is_file():
             return False
         parent = Path(rel_path).parent.as_posix()
@@ -217,35 +221,32 @@ class StageRun:
         self.flush()
 
 
-def log_stage_files(run: StageRun, spec: StageSpec, replay_history: bool = False,
-                    paths: Optional[Mapping[str, str]] = None) -> None:
-    """Log a stage's outputs: metrics JSON (flattened numbers as metrics + the file), plots, ONNX.
-
-    ``paths`` maps the default relative paths of ``spec`` to the paths actually written (sweeps write
-    elsewhere); ``replay_history`` also logs the per-epoch CSVs as stepped metrics (cached stages).
-    """
+def log_stage_files(run: StageRun, spec: StageSpec, paths: StagePaths, replay_history: bool = False) -> None:
+    """Log a stage's outputs as written under ``paths``: metrics JSON (flattened numbers as metrics + the file),
+    plots, ONNX; ``replay_history`` also logs the per-epoch CSVs as stepped metrics (cached stages)."""
     if not run.enabled:
         return
-    where = dict(paths or {})
     for rel in spec.metrics:
-        actual = where.get(rel, rel)
-        file = run.root / actual
+        file = paths.output(rel)
         if file.is_file():
-            run.log_metrics(common.flatten_numeric(common.read_json(file)))
-            run.log_file(actual)
+            run.log_metrics(flatten_numeric(read_json(file)))
+            run.log_file(rel, paths.out_dir)
     for rel in spec.history:
-        actual = where.get(rel, rel)
-        if replay_history and (run.root / actual).is_file():
-            run.log_history(common.read_history_csv(run.root / actual))
-        run.log_file(actual)
+        if replay_history and paths.output(rel).is_file():
+            run.log_history(read_history_csv(paths.output(rel)))
+        run.log_file(rel, paths.out_dir)
     for rel in spec.artifacts + spec.log_models:
-        run.log_file(where.get(rel, rel))
+        run.log_file(rel, paths.out_dir)
 
 
-def create_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
-    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, MLFLOW_RUN_NAME: run_name})
+def create_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str],
+               parent_run_id: Optional[str] = None) -> str:
+    """A new run (nested under ``parent_run_id`` when given); returns its id."""
+    mlflow_tags = _mlflow().utils.mlflow_tags
+    tags = {**tags, mlflow_tags.MLFLOW_RUN_NAME: run_name}
+    if parent_run_id:
+        tags[mlflow_tags.MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     return run.info.run_id
 
 
@@ -256,7 +257,7 @@ def start_parent_run(root: str | os.PathLike, params: Any, run_name: str,
     client = get_client(root)
     exp_id = ensure_experiment(client, params.mlflow.experiment, root)
     run_id = create_run(client, exp_id, run_name, {**base_tags(root), **(tags or {})})
-    StageRun(client, run_id, root).log_params(common.flatten_params(params.model_dump(mode="json")))
+    StageRun(client, run_id, root).log_params(flatten_params(params.model_dump(mode="json")))
     logger.info("MLflow parent run %s in experiment %r (%s)", run_id, params.mlflow.experiment,
                 client.tracking_uri)
     return run_id
@@ -270,6 +271,18 @@ def set_run_tags(root: str | os.PathLike, run_id: str, tags: Mapping[str, Any]) 
     StageRun(get_client(root), run_id, root).set_tags(tags)
 
 
+def parent_from_env(parent_run_id: Optional[str]) -> Optional[str]:
+    """``parent_run_id``, else ``$GKD_MLFLOW_PARENT_RUN_ID``, else None."""
+    return parent_run_id or os.environ.get(PARENT_ENV, "").strip() or None
+
+
+def experiment_for(client: Any, name: str, root: str | os.PathLike, parent_run_id: Optional[str]) -> str:
+    """The experiment a new run goes to: its parent's, or experiment ``name`` (created when missing)."""
+    if parent_run_id:
+        return client.get_run(parent_run_id).info.experiment_id
+    return ensure_experiment(client, name, root)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, root: str | os.PathLike = ".", parent_run_id: Optional[str] = None,
               params: Any = None, cached: bool = False, run_name: Optional[str] = None,
@@ -279,20 +292,17 @@ def stage_run(stage: str, root: str | os.PathLike = ".", parent_run_id: Optional
     With no parent it yields a disabled :class:`StageRun` and MLflow is not even imported. The run ends
     FINISHED, or FAILED (and the error propagates) when the body raises.
     """
-    parent_run_id = parent_run_id or os.environ.get(PARENT_ENV, "").strip() or None
+    parent_run_id = parent_from_env(parent_run_id)
     if not parent_run_id:
         yield StageRun(None, None, root)
         return
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
     client = get_client(root)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    run_tags = {**base_tags(root), MLFLOW_PARENT_RUN_ID: parent_run_id, "gkd.stage": stage,
-                "cached": str(cached).lower(), **(tags or {})}
-    run = StageRun(client, create_run(client, experiment_id, run_name or stage, run_tags), root)
+    run_tags = {**base_tags(root), "gkd.stage": stage, "cached": str(cached).lower(), **(tags or {})}
+    run = StageRun(client, create_run(client, experiment_id, run_name or stage, run_tags, parent_run_id), root)
     if params is not None:
-        flat = common.flatten_params(params.model_dump(mode="json"))
-        run.log_params(common.select_params(flat, common.stage_param_keys(root, stage)))
+        flat = flatten_params(params.model_dump(mode="json"))
+        run.log_params(select_params(flat, stage_param_keys(root, stage)))
     try:
         yield run
     except BaseException:
@@ -306,19 +316,49 @@ def stage_run(stage: str, root: str | os.PathLike = ".", parent_run_id: Optional
 def log_cached_stage(stage: str, root: str | os.PathLike, parent_run_id: str, params: Any = None) -> str:
     """A nested run for a stage DVC did not rerun, replayed from its output files (tag cached=true)."""
     with stage_run(stage, root, parent_run_id, params=params, cached=True) as run:
-        log_stage_files(run, STAGES[stage], replay_history=True)
+        log_stage_files(run, STAGES[stage], StagePaths(Path(root)), replay_history=True)
     return run.run_id
 
 
-def find_stage_runs(root: str | os.PathLike, parent_run_id: str) -> dict[str, Any]:
-    """The nested runs of a parent, by stage name (the latest per stage when a retry made several)."""
-    client = get_client(root)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        order_by=["attributes.start_time ASC"],
-    )
-    out: dict[str, Any] = {}
-    for r in runs:
-        out[r.data.tags.get("gkd.stage", r.info.run_name)] = r
-    return out
+# --- params and metrics as MLflow takes them ---------------------------------------------------------
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def flatten_numeric(d: Mapping[str, Any]) -> dict[str, float]:
+    """Nested dict -> ``{"a.b": 1.0}`` keeping finite numbers and bools only (what MLflow metrics take)."""
+    return {k: float(v) for k, v in _flatten(d)
+            if isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(float(v)))}
+
+
+def flatten_params(d: Mapping[str, Any]) -> dict[str, str]:
+    """Nested params -> dotted keys with string values (what MLflow params take)."""
+    return {k: str(v) for k, v in _flatten(d)}
+
+
+def select_params(flat: Mapping[str, str], keys: Iterable[str]) -> dict[str, str]:
+    """The entries of ``flat`` at or under any of ``keys`` (dvc.yaml param names such as ``teacher``)."""
+    keys = list(keys)
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
+
+
+def stage_param_keys(root: str | os.PathLike, stage: str) -> list[str]:
+    """The params a stage lists in dvc.yaml (what its nested MLflow run logs)."""
+    path = Path(root) / "dvc.yaml"
+    if not path.is_file():
+        return []
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    keys: list[str] = []
+    for entry in (stages.get(stage) or {}).get("params") or []:
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, Mapping):  # {"other_params.yaml": [keys]}
+            for sub in entry.values():
+                keys.extend(sub or [])
+    return keys

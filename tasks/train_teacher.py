@@ -10,74 +10,49 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-import typer
-from prefect import task
-
+from gkd_core import runner
+from gkd_core.cli_support import load_params_checked
 from gkd_core.io import write_json
-from tasks import common, tracking
-from tasks.stages import PREPARED, STAGES, TEACHER, TEACHER_CURVES, TEACHER_HISTORY, TEACHER_REPORT
+from tasks import tracking
+from tasks.cli import stage_app
+from tasks.inputs import load_prepared_checked
+from tasks.paths import PARAMS_FILE, PREPARED, TEACHER, TEACHER_CURVES, TEACHER_HISTORY, TEACHER_REPORT, StagePaths
+from tasks.reports import test_metrics
+from tasks.stages import STAGES
+from tasks.training import write_trained_model
 
 logger = logging.getLogger(__name__)
 STAGE = "train_teacher"
 
 
 def train_teacher(
-    params_path: str | Path = "params.yaml",
-    data_path: str | Path = PREPARED,
-    out: str | Path = TEACHER,
-    report: str | Path = TEACHER_REPORT,
-    history_csv: str | Path = TEACHER_HISTORY,
-    curves_png: str | Path = TEACHER_CURVES,
-    overrides: Optional[dict[str, Any]] = None,
+    paths: StagePaths = StagePaths(),
+    params_path: str | Path = PARAMS_FILE,
+    overrides: Optional[Mapping[str, Any]] = None,
     parent_run_id: Optional[str] = None,
-    root: str | Path = ".",
 ) -> dict[str, Any]:
     """Train ``params.teacher``; write the model, its metrics (incl. test accuracy) and learning curves."""
-    from gkd_core.runner import evaluate_model
-    from gkd_core.runner import train_teacher as run_train_teacher
-
-    root = Path(root)
-    params = common.load_checked_params(root / params_path, overrides, check_dataset=False)
-    data = common.load_prepared_checked(root / data_path)
-    ckpt = common.checkpoint_path(root, "teacher", data)
-    with tracking.stage_run(STAGE, root, parent_run_id, params=params) as run:
-        result = run_train_teacher(params, data, checkpoint_path=ckpt, callbacks=[run.callback])
-        test = evaluate_model(result.model, data, "test", device=params.runtime.device)
-        metrics = {**result.summary, "model": params.teacher.model.name, **common.test_metrics(test)}
-        common.write_trained_model(root, result, params.teacher.model, data, metrics, out, history_csv, curves_png,
-                                   f"teacher {params.teacher.model.name}")
-        write_json(root / report, metrics)
-        tracking.log_stage_files(run, STAGES[STAGE], paths={
-            TEACHER_REPORT: str(report), TEACHER_HISTORY: str(history_csv), TEACHER_CURVES: str(curves_png)})
+    params = load_params_checked(paths.root / params_path, overrides, check_dataset=False)
+    data = load_prepared_checked(paths.input(PREPARED))
+    ckpt = paths.checkpoint("teacher", data)
+    with tracking.stage_run(STAGE, paths.root, parent_run_id, params=params) as run:
+        result = runner.train_teacher(params, data, checkpoint_path=ckpt, callbacks=[run.callback])
+        test = runner.evaluate_model(result.model, data, "test", device=params.runtime.device)
+        metrics = {**result.summary, "model": params.teacher.model.name, **test_metrics(test)}
+        write_trained_model(result, params.teacher.model, data, metrics, paths.output(TEACHER),
+                            paths.output(TEACHER_HISTORY), paths.output(TEACHER_CURVES),
+                            f"teacher {params.teacher.model.name}")
+        write_json(paths.output(TEACHER_REPORT), metrics)
+        tracking.log_stage_files(run, STAGES[STAGE], paths)
     ckpt.unlink(missing_ok=True)
     logger.info("teacher %s: val %.4f, test %.4f -> %s", params.teacher.model.name,
-                metrics["final_val_accuracy"], metrics["test_accuracy"], out)
+                metrics["final_val_accuracy"], metrics["test_accuracy"], paths.output(TEACHER))
     return metrics
 
 
-train_teacher_task = task(train_teacher, name=STAGE, retries=1, retry_delay_seconds=30, tags=["gpu"])
-
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
-
-
-@app.command()
-def main(
-    params_path: Path = typer.Option(Path("params.yaml"), "--params", "-p", help=common.PARAMS_HELP),
-    data: Path = typer.Option(Path(PREPARED), help="prepared dataset"),
-    out: Path = typer.Option(Path(TEACHER), help="teacher model file"),
-    report: Path = typer.Option(Path(TEACHER_REPORT), help="metrics JSON"),
-    history: Path = typer.Option(Path(TEACHER_HISTORY), help="per-epoch CSV"),
-    curves: Path = typer.Option(Path(TEACHER_CURVES), help="learning-curve PNG"),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", "-S", help=common.SET_HELP),
-    parent_run_id: Optional[str] = typer.Option(None, envvar=tracking.PARENT_ENV, help=common.PARENT_HELP),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-) -> None:
-    """Train the teacher (validated params first; bad input ends with one message, exit code 2)."""
-    common.run_cli(lambda: train_teacher(params_path, data, out, report, history, curves,
-                                         common.parse_overrides(overrides), parent_run_id), verbose)
-
+app = stage_app(train_teacher, __doc__)
 
 if __name__ == "__main__":
     app()

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-PROJECT_FILES = ("gkd_core", "tasks", "flows", "dvc.yaml", "params.yaml")
+PROJECT_FILES = ("gkd_core", "tasks", "flows", "dvc.yaml", "params.yaml", ".dvcignore")
 
 FALLBACK_GITIGNORE = "__pycache__/\n/data/\n/models/\n/reports/\n/checkpoints/\nmlflow.db\n/mlartifacts/\n"
 

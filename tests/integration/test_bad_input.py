@@ -44,11 +44,11 @@ def bad_project(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, s
 @pytest.mark.parametrize("case", list(CASES))
 def test_flow_refuses_bad_input_before_any_work(case: str, tmp_path: Path, prefect_harness: None) -> None:
     from flows.pipeline import pipeline
-    from tasks.common import StageInputError
+    from gkd_core.cli_support import UserError
 
     change, message = CASES[case]
     root = make_project(tmp_path / "project", change, init_git=False)
-    with pytest.raises(StageInputError) as info:
+    with pytest.raises(UserError) as info:
         pipeline(str(root))
     assert message in str(info.value)
     assert "Traceback" not in str(info.value) and len(str(info.value).splitlines()) == 1
@@ -79,11 +79,11 @@ def test_plain_dvc_repro_stops_at_the_first_stage(bad_project: tuple[Path, str])
 
 def test_invalid_yaml_is_one_message(tmp_path: Path, prefect_harness: None) -> None:
     from flows.pipeline import pipeline
-    from tasks.common import StageInputError
+    from gkd_core.cli_support import UserError
 
     root = make_project(tmp_path / "project", init_git=False)
     (root / "params.yaml").write_text("seed: [0\nteacher: {\n")
-    with pytest.raises(StageInputError, match="not valid YAML"):
+    with pytest.raises(UserError, match="not valid YAML"):
         pipeline(str(root))
     _assert_untouched(root)
 
@@ -99,19 +99,19 @@ def test_missing_upstream_output_is_a_clear_stage_error(tmp_path: Path) -> None:
 
 def test_gpu_dispatch_without_dvc_remote_is_refused_up_front(tmp_path: Path, prefect_harness: None) -> None:
     from flows.pipeline import pipeline
-    from tasks.common import StageInputError
+    from gkd_core.cli_support import UserError
 
     root = make_project(tmp_path / "project")
-    with pytest.raises(StageInputError, match="dvc remote add"):
+    with pytest.raises(UserError, match="dvc remote add"):
         pipeline(str(root), gpu_dispatch="deployment")
     _assert_untouched(root)
 
 
 def test_unknown_baseline_method_is_refused_before_any_work(tmp_path: Path, prefect_harness: None) -> None:
     from flows.pipeline import pipeline
-    from tasks.common import StageInputError
+    from gkd_core.cli_support import UserError
 
     root = make_project(tmp_path / "project", {}, init_git=False)
-    with pytest.raises(StageInputError, match="method.name = 'fitnets'"):
+    with pytest.raises(UserError, match="method.name = 'fitnets'"):
         pipeline(str(root), baselines=["kd", "fitnets"])
     _assert_untouched(root)

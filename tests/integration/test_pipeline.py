@@ -42,7 +42,8 @@ def _entries(items: list[Any]) -> set[str]:
 
 def test_dvc_yaml_and_flow_agree(pipeline_project: Path) -> None:
     """Same stages in the same order; every stage's declared files are the ones the tasks write."""
-    from flows.pipeline import GPU_STAGES, STAGE_RETRIES, STAGES, stage_options
+    from flows.pipeline import STAGES
+    from flows.prefect_tasks import GPU_STAGES, stage_options
     from tasks import dvc_ops
     from tasks.stages import STAGES as SPECS
 
@@ -56,13 +57,41 @@ def test_dvc_yaml_and_flow_agree(pipeline_project: Path) -> None:
         declared = _entries(st.get("outs")) | _entries(st.get("metrics")) | _entries(st.get("plots"))
         assert declared == set(SPECS[name].outputs), name
         assert set(upstream[name]) <= set(STAGES[:i]), f"{name} depends on a later stage"
-        assert stage_options(name)["retries"] == STAGE_RETRIES[name]
     assert GPU_STAGES == {"train_teacher", "distill_student"}
     assert all("gpu" in stage_options(s)["tags"] for s in GPU_STAGES)
     # every section of params.yaml is some stage's dependency, except the ones only flows read
     listed = {p.split(".")[0] for st in stages.values() for p in st.get("params", [])}
     sections = set(yaml.safe_load((pipeline_project / "params.yaml").read_text()))
     assert sections - listed == {"mlflow", "promote"}
+
+
+def test_every_prefect_task_takes_its_retries_from_the_one_table() -> None:
+    """Retry counts and delays live in flows/prefect_tasks.py's RETRIES and nowhere else (tasks/ has no Prefect
+    at all: tests/unit/test_layers.py)."""
+    import ast
+
+    from flows import prefect_tasks
+    from flows.pipeline import STAGES, stage_task
+
+    table = prefect_tasks.RETRIES
+    assert set(STAGES) | {"register", "promote", "sweep-point"} == set(table)
+    expected = {name: (r.retries, r.delay_seconds) for name, r in table.items()}
+    # transient failures are retried (data I/O, long training that resumes, the registry); deterministic ones not
+    assert expected["prepare_data"] == (2, 10) and expected["train_teacher"] == expected["distill_student"] == (2, 30)
+    assert expected["evaluate"] == expected["export_onnx"] == (0, 0)
+    for stage in STAGES:
+        configured = stage_task.with_options(**prefect_tasks.stage_options(stage))
+        assert configured.name == stage
+        assert (configured.retries, configured.retry_delay_seconds) == expected[stage], stage
+    for wrapped in (prefect_tasks.register_task, prefect_tasks.promote_task, prefect_tasks.sweep_point_task):
+        assert (wrapped.retries, wrapped.retry_delay_seconds) == expected[wrapped.name], wrapped.name
+    repo = Path(__file__).resolve().parents[2]
+    for path in sorted((repo / "flows").glob("*.py")) + sorted((repo / "tasks").glob("*.py")):
+        if path.name == "prefect_tasks.py":
+            continue
+        keywords = {k.arg for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+                    for k in node.keywords}
+        assert not keywords & {"retries", "retry_delay_seconds"}, path
 
 
 def test_flow_runs_every_stage_and_registers_challenger(pipeline_run: dict[str, Any], pipeline_project: Path) -> None:
@@ -197,6 +226,29 @@ def test_changed_param_reruns_only_downstream_stages(clone_project, change: dict
         assert repo.reproduce() == []
 
 
+def test_editing_the_augmentation_code_reruns_the_training_stages(clone_project) -> None:
+    """dvc.yaml's code deps are the stages' real imports: a change to the file that defines the batch
+    augmentation makes DVC see train_teacher and distill_student as changed (no training here: status only)."""
+    import inspect
+
+    import gkd_core.data
+    from _project import REPO
+    from tasks import dvc_ops
+
+    root = clone_project()
+    with dvc_ops.open_repo(root) as repo:
+        assert repo.status() == {}, "the clone should start up to date"
+    source = Path(inspect.getsourcefile(gkd_core.data.batch_augment)).resolve().relative_to(REPO)
+    with open(root / source, "a") as fh:
+        fh.write("# an edit to the augmentation code\n")
+    with dvc_ops.open_repo(root) as repo:
+        changed = repo.status()
+    assert {"train_teacher", "distill_student"} <= set(changed), changed
+    for stage in ("train_teacher", "distill_student"):
+        deps = {Path(p) for entry in changed[stage] if isinstance(entry, dict) for p in entry.get("changed deps", {})}
+        assert any(dep == source or dep in source.parents for dep in deps), (stage, changed[stage])
+
+
 def test_forced_rerun_of_a_deterministic_stage_changes_nothing_downstream(clone_project) -> None:
     """The README's recipe after raw data changed: `dvc repro -f -s prepare_data && dvc repro`. With the
     same data the prepared file comes out byte-identical, so nothing downstream reruns."""
@@ -241,13 +293,14 @@ def test_baseline_comparison_uses_the_same_teacher_and_seed(pipeline_run: dict[s
     import json
 
     from flows.pipeline import BASELINES_DIR
+    from tasks.paths import EVALUATE_REPORT, STUDENT, StagePaths
 
     comparison = pipeline_run["comparison"]
     assert set(comparison) == {"teacher", "none", "gompertz"}, comparison  # params.yaml's method + baseline
     assert all(0.0 <= v <= 1.0 for v in comparison.values())
     teacher_json = json.loads((pipeline_project / "reports" / "teacher.json").read_text())
     assert comparison["teacher"] == teacher_json["test_accuracy"]
-    point = pipeline_project / BASELINES_DIR / "none-seed0"
-    report = json.loads((point / "evaluate.json").read_text())
-    assert report["test_accuracy"] == comparison["none"] and (point / "student.pt").is_file()
+    point = StagePaths(pipeline_project, Path(BASELINES_DIR) / "none-seed0")
+    report = json.loads(point.output(EVALUATE_REPORT).read_text())
+    assert report["test_accuracy"] == comparison["none"] and point.output(STUDENT).is_file()
     assert pipeline_run["tracking_uri"].startswith("sqlite:///")

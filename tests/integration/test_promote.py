@@ -5,6 +5,7 @@ files they read are varied (accuracy, parity, a missing metric)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +26,8 @@ def registry(clone_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pre
 
 
 def _register(root: Path, tmp: Path, accuracy: Optional[float], parity: bool = True) -> str:
+    """Register the pipeline's student with report files of its own (under ``tmp``, with copies of the rest)."""
+    from tasks.paths import EVALUATE_REPORT, EXPORT_REPORT, ONNX, STUDENT, STUDENT_REPORT, StagePaths
     from tasks.register import register
 
     evaluation = json.loads((root / "reports/evaluate.json").read_text())
@@ -34,11 +37,13 @@ def _register(root: Path, tmp: Path, accuracy: Optional[float], parity: bool = T
         evaluation["test_accuracy"] = accuracy
     export = json.loads((root / "reports/export.json").read_text())
     export["passed"] = parity
-    tag = f"{accuracy}-{parity}"
-    (tmp / f"evaluate-{tag}.json").write_text(json.dumps(evaluation))
-    (tmp / f"export-{tag}.json").write_text(json.dumps(export))
-    return register("params.yaml", evaluate_report=tmp / f"evaluate-{tag}.json",
-                    export_report=tmp / f"export-{tag}.json", root=root)["version"]
+    paths = StagePaths(root, tmp / f"{accuracy}-{parity}-{len(list(tmp.iterdir()))}")
+    for rel in (STUDENT, ONNX, STUDENT_REPORT):  # copies: MLflow refuses to log a symlink's target
+        paths.output(rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, paths.output(rel))
+    paths.output(EVALUATE_REPORT).write_text(json.dumps(evaluation))
+    paths.output(EXPORT_REPORT).write_text(json.dumps(export))
+    return register(paths)["version"]
 
 
 def _aliases(root: Path) -> dict[str, Optional[str]]:

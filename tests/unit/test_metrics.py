@@ -15,7 +15,6 @@ from gkd_core.metrics import (
     confusion_matrix,
     expected_calibration_error,
     per_class_accuracy,
-    plot_confusion_matrix,
     topk_accuracy,
 )
 
@@ -150,13 +149,3 @@ def test_classification_report_json_and_values() -> None:
     )
     assert "agreement" not in classification_report(logits, y, 4)
 
-
-def test_plot_confusion_matrix_writes_png(tmp_path) -> None:
-    cm = torch.tensor([[5, 1], [0, 4]])
-    out = tmp_path / "plots" / "cm.png"
-    plot_confusion_matrix(cm, ["cat", "dog"], out)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in out.parent.iterdir()] == ["cm.png"]  # no temp file left behind
-    with pytest.raises(ValueError):
-        plot_confusion_matrix(cm, ["a", "b", "c"], tmp_path / "bad.png")
-    assert not (tmp_path / "bad.png").exists()

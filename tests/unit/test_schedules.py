@@ -12,7 +12,6 @@ from gkd_core.schedules import (
     LogisticSchedule,
     NoSchedule,
     build_schedule,
-    plot_schedules,
     schedule_curve,
     schedule_mean,
 )
@@ -147,9 +146,3 @@ def test_progress_out_of_range(p):
     with pytest.raises(ValueError, match="progress"):
         GompertzSchedule().weight(p)
 
-
-def test_plot_writes_png(tmp_path):
-    out = tmp_path / "w.png"
-    plot_schedules([build_schedule(n) for n in SCHEDULES], str(out))
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

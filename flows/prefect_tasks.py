@@ -1,0 +1,65 @@
+"""Every Prefect task the flows run, and the one table of their retry policies.
+
+tasks/ has no Prefect in it: its stage functions are plain Python. Here they become Prefect tasks, each with
+the retries and delay of :data:`RETRIES` (tests/integration/test_pipeline.py checks the tasks against it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from gkd_core.cli_support import load_params_checked
+from tasks import dvc_ops
+from tasks.paths import PARAMS_FILE
+from tasks.promote import promote
+from tasks.register import register
+from tasks.sweep import sweep_point
+
+
+@dataclass(frozen=True)
+class Retry:
+    retries: int
+    delay_seconds: float
+
+
+# Retries where a failure can be transient: reading the dataset (network storage), long training (GPU
+# preemption, OOM from a neighbour; the stage resumes from its per-epoch checkpoint), the MLflow registry and
+# tracking server. Evaluation and export are deterministic: a failure there is a bug, retrying would only hide it.
+RETRIES: dict[str, Retry] = {
+    "prepare_data": Retry(2, 10),
+    "train_teacher": Retry(2, 30),
+    "distill_student": Retry(2, 30),
+    "evaluate": Retry(0, 0),
+    "export_onnx": Retry(0, 0),
+    "register": Retry(2, 10),
+    "promote": Retry(2, 10),
+    "sweep-point": Retry(1, 10),
+}
+GPU_STAGES = frozenset({"train_teacher", "distill_student"})
+
+
+def _policy(name: str) -> dict[str, Any]:
+    return {"name": name, "retries": RETRIES[name].retries, "retry_delay_seconds": RETRIES[name].delay_seconds,
+            "cache_policy": NO_CACHE}
+
+
+@task(name="dvc-stage", cache_policy=NO_CACHE)
+def stage_task(root: str, stage: str, parent_run_id: Optional[str]) -> dict[str, Any]:
+    """Reproduce one DVC stage (with nested MLflow run when ``parent_run_id`` is given)."""
+    params = load_params_checked(Path(root) / PARAMS_FILE, check_dataset=False)
+    return dvc_ops.run_stage(root, stage, parent_run_id=parent_run_id, params=params)
+
+
+def stage_options(stage: str) -> dict[str, Any]:
+    """``stage_task.with_options(**stage_options(stage))``: the stage's name, retries and gpu/cpu tag."""
+    return {**_policy(stage), "tags": ["gpu"] if stage in GPU_STAGES else ["cpu"]}
+
+
+register_task = task(register, **_policy("register"))
+promote_task = task(promote, **_policy("promote"))
+sweep_point_task = task(sweep_point, **_policy("sweep-point"))

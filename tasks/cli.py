@@ -1,0 +1,82 @@
+"""The stage command lines: one factory builds every stage's typer app, plus the logging setup of a stage
+process.
+
+    app = stage_app(prepare_data, __doc__)                                       # tasks/prepare_data.py
+    app = stage_app(export_onnx, __doc__, option("strict", False, "fail ..."))   # + a stage-specific option
+
+Every app has the shared options ``--params/-p``, ``--set/-S`` (repeatable), ``--out-dir``, ``--parent-run-id``
+(env ``GKD_MLFLOW_PARENT_RUN_ID``) and ``--verbose/-v``, and calls
+``stage(StagePaths(".", out_dir), params_path=..., overrides=..., parent_run_id=..., **extras)``. Bad input
+(:class:`gkd_core.cli_support.UserError`) ends with one message on stderr and exit code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from gkd_core.cli_support import parse_overrides, run_cli
+from tasks.paths import PARAMS_FILE, StagePaths
+from tasks.tracking import PARENT_ENV
+
+logger = logging.getLogger(__name__)
+QUIET_LOGGERS = ("alembic", "urllib3", "matplotlib", "PIL", "git", "httpx", "filelock")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Plain stderr logging for stage and flow processes (DVC and Prefect capture and show it as is)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in QUIET_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def option(name: str, default: Any, help: str, *flags: str, annotation: Any = None,
+           envvar: Optional[str] = None) -> inspect.Parameter:
+    """A CLI option, passed to the stage function as keyword ``name`` (``--name`` unless ``flags`` are given;
+    a bool becomes ``--name/--no-name``); its type is ``annotation``, by default the default's type."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                             annotation=type(default) if annotation is None else annotation,
+                             default=typer.Option(default, *flags, help=help, envvar=envvar))
+
+
+SHARED_OPTIONS = (
+    option("params_path", Path(PARAMS_FILE), "params.yaml to read (validated before any work)", "--params", "-p",
+           annotation=Path),
+    option("overrides", None, "override a param for this run only: -S method.gompertz.c=6.0 (repeatable)",
+           "--set", "-S", annotation=Optional[list[str]]),
+    option("out_dir", None, "write the outputs under this folder (same layout) instead of the project folder; "
+           "the prepared data and the teacher are still read from the project", annotation=Optional[Path]),
+    option("parent_run_id", None, "MLflow run id to nest this stage's run under (the pipeline flow sets it)",
+           annotation=Optional[str], envvar=PARENT_ENV),
+    option("verbose", False, "debug logging", "--verbose", "-v"),
+)
+
+
+def stage_app(stage: Callable[..., Any], doc: Optional[str], *extras: inspect.Parameter) -> typer.Typer:
+    """The typer app of ``stage``: the shared options plus ``extras`` (see :func:`option`); help from the
+    first paragraph of ``doc`` (the stage module's docstring)."""
+    summary = (doc or stage.__name__).split("\n\n")[0]
+
+    def command(params_path: Path, overrides: Optional[list[str]], out_dir: Optional[Path],
+                parent_run_id: Optional[str], verbose: bool, **extra: Any) -> None:
+        configure_logging(verbose)
+        run_cli(lambda: stage(StagePaths(Path("."), out_dir), params_path=params_path,
+                              overrides=parse_overrides(overrides), parent_run_id=parent_run_id, **extra),
+                report=logger.error)
+
+    command.__signature__ = inspect.Signature([*SHARED_OPTIONS, *extras])  # typer reads the options from it
+    command.__doc__ = summary
+    app = typer.Typer(add_completion=False, help=summary)
+    app.command()(command)
+    return app
