@@ -13,8 +13,10 @@ from typing import Any, Optional
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from gkd_core.cli_support import load_params_checked
+from gkd_core.cli_support import UserError, load_params_checked
+from gkd_core.guard import NonFiniteLossError
 from tasks import dvc_ops
+from tasks.dvc_ops import StageFailed
 from tasks.paths import PARAMS_FILE
 from tasks.promote import promote
 from tasks.register import register
@@ -30,6 +32,8 @@ class Retry:
 # Retries where a failure can be transient: reading the dataset (network storage), long training (GPU
 # preemption, OOM from a neighbour; the stage resumes from its per-epoch checkpoint), the MLflow registry and
 # tracking server. Evaluation and export are deterministic: a failure there is a bug, retrying would only hide it.
+# Whatever the count, a failure a rerun repeats (bad input, a diverged run) is never retried: see
+# retry_unless_deterministic.
 RETRIES: dict[str, Retry] = {
     "prepare_data": Retry(2, 10),
     "train_teacher": Retry(2, 30),
@@ -43,9 +47,19 @@ RETRIES: dict[str, Retry] = {
 GPU_STAGES = frozenset({"train_teacher", "distill_student"})
 
 
+def retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a failure that may be transient (a crash, a server not yet up,
+    a network remote), never one that a rerun repeats: bad input (:class:`UserError`), a stage that refused its
+    input or diverged (:class:`StageFailed` with ``retryable=False``), a run that went non-finite."""
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, StageFailed):
+        return exc.retryable
+    return not isinstance(exc, (UserError, NonFiniteLossError))
+
+
 def _policy(name: str) -> dict[str, Any]:
     return {"name": name, "retries": RETRIES[name].retries, "retry_delay_seconds": RETRIES[name].delay_seconds,
-            "cache_policy": NO_CACHE}
+            "retry_condition_fn": retry_unless_deterministic, "cache_policy": NO_CACHE}
 
 
 @task(name="dvc-stage", cache_policy=NO_CACHE)

@@ -14,6 +14,7 @@ from typing import Any
 import typer
 from prefect import flow, get_run_logger
 
+from flows import cli as flow_cli
 from flows.prefect_tasks import promote_task
 from gkd_core.cli_support import load_params_checked, run_cli
 from tasks.cli import configure_logging
@@ -35,10 +36,11 @@ def promote(project_dir: str = ".") -> dict[str, Any]:
 
 def main(project_dir: Path = Path("."), fail_on_refuse: bool = False) -> None:
     """Run the promotion flow; exit code 2 on bad params, 3 on a refusal when --fail-on-refuse."""
+    flow_cli.install()
     configure_logging()
     run_cli(lambda: load_params_checked(project_dir.resolve() / PARAMS_FILE, check_dataset=False),
             report=logger.error)
-    record = promote(str(project_dir))
+    record = flow_cli.run_flow(lambda: promote(str(project_dir)), "promote")
     logger.info("decision: %s (champion now: version %s)", record["decision"], record["champion_after"])
     if fail_on_refuse and record["decision"] == "refused":
         raise typer.Exit(REFUSED_EXIT_CODE)

@@ -169,6 +169,14 @@ class MlflowConfig(Strict):
 
 
 class PromoteConfig(Strict):
-    metric: str = Field("test_accuracy", min_length=1)
+    """Promotion: floors every candidate must clear (the first champion too), then the comparison with the
+    champion on ``metric``."""
+
+    metric: str = Field("test_accuracy", min_length=1, description="a metric of reports/evaluate.json")
     higher_is_better: bool = True
-    min_improvement: float = Field(0.0, ge=0.0)
+    min_improvement: float = Field(0.0, ge=0.0, description="the challenger must beat the champion by at least this")
+    min_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="floor on the candidate's test accuracy")
+    min_above_chance: float = Field(
+        0.1, ge=0.0, le=1.0, description="test accuracy must exceed chance (1 / classes) by at least this")
+    max_below_teacher: Optional[float] = Field(
+        0.25, ge=0.0, le=1.0, description="test accuracy may trail the teacher's by at most this (null: no check)")

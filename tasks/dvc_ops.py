@@ -9,9 +9,11 @@ dependency order so each stage gets its own retries, GPU routing and MLflow run.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from dvc.repo import Repo
 
+from gkd_core.cli_support import ERROR_FILE_ENV
 from tasks import tracking
 
 logger = logging.getLogger(__name__)
@@ -67,13 +70,15 @@ def stage_upstream(root: str | os.PathLike) -> dict[str, list[str]]:
 
 
 @contextlib.contextmanager
-def stage_environment(root: str | os.PathLike, parent_run_id: Optional[str]) -> Iterator[None]:
+def stage_environment(root: str | os.PathLike, parent_run_id: Optional[str],
+                      extra: Optional[dict[str, str]] = None) -> Iterator[None]:
     """Environment for stage commands run by DVC: this interpreter's ``python`` first on PATH, the MLflow
-    tracking URI made explicit, and the parent run id when there is one. Restored afterwards."""
+    tracking URI made explicit, the parent run id when there is one, and ``extra``. Restored afterwards."""
     updates = {
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "MLFLOW_TRACKING_URI": tracking.tracking_uri(root),
         tracking.PARENT_ENV: parent_run_id or "",
+        **(extra or {}),
     }
     with _PROCESS_STATE:
         saved = {k: os.environ.get(k) for k in updates}
@@ -88,6 +93,15 @@ def stage_environment(root: str | os.PathLike, parent_run_id: Optional[str]) -> 
                     os.environ[k] = v
 
 
+class StageFailed(RuntimeError):
+    """A stage command failed. ``retryable`` is False for the failures a rerun repeats (bad input, a diverged
+    run: the stage wrote its cause to ``$GKD_ERROR_FILE``) and True for a crash (it may be transient)."""
+
+    def __init__(self, stage: str, message: str, kind: str, exit_code: Optional[int], retryable: bool):
+        self.stage, self.kind, self.exit_code, self.retryable = stage, kind, exit_code, retryable
+        super().__init__(message)
+
+
 def reproduce_stage(root: str | os.PathLike, stage: str, force: bool = False) -> bool:
     """Run ``stage`` (not its upstream) if DVC finds it out of date; True when it actually ran."""
     with open_repo(root) as repo:
@@ -100,14 +114,33 @@ def run_stage(root: str | os.PathLike, stage: str, parent_run_id: Optional[str] 
     """Reproduce one stage through DVC. With a parent MLflow run, a stage that ran logged its own nested
     run (live); one that DVC skipped gets a nested run replayed from its outputs (``cached=true``)."""
     t0 = time.perf_counter()
-    with stage_environment(root, parent_run_id):
-        ran = reproduce_stage(root, stage, force=force)
+    fd, error_file = tempfile.mkstemp(prefix=f"gkd-{stage}-", suffix=".json")
+    os.close(fd)
+    os.unlink(error_file)  # the stage writes it only when it fails with a known cause
+    try:
+        with stage_environment(root, parent_run_id, {ERROR_FILE_ENV: error_file}):
+            ran = reproduce_stage(root, stage, force=force)
+    except Exception as err:  # noqa: BLE001 - DVC wraps the command's failure in its own exception types
+        cause = _read_cause(error_file)
+        if cause is not None:
+            raise StageFailed(stage, f"stage {stage} failed: {cause['error']}", cause.get("kind", "user_input"),
+                              cause.get("exit_code"), retryable=False) from None
+        raise StageFailed(stage, f"stage {stage} failed: {err}", "crash", None, retryable=True) from err
+    finally:
+        Path(error_file).unlink(missing_ok=True)
     run_id = None
     if parent_run_id and not ran:
         run_id = tracking.log_cached_stage(stage, root, parent_run_id, params=params)
     seconds = time.perf_counter() - t0
     logger.info("stage %s: %s in %.1f s", stage, "ran" if ran else "up to date (cached)", seconds)
     return {"stage": stage, "ran": ran, "cached": not ran, "seconds": round(seconds, 2), "cached_run_id": run_id}
+
+
+def _read_cause(path: str) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def push(root: str | os.PathLike, targets: Sequence[str], remote: Optional[str] = None) -> int:

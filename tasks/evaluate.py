@@ -52,6 +52,7 @@ def evaluate(
         metrics: dict[str, Any] = {
             "split": ev["split"],
             "n": ev["n"],
+            "num_classes": data.num_classes,
             "method": student_meta.extra.get("method", params.method.name),
             **test_metrics(ev),
             "test_balanced_accuracy": ev["balanced_accuracy"],

@@ -47,27 +47,58 @@ def _version_by_alias(client: Any, name: str, alias: str) -> Optional[Any]:
 
 def describe_version(client: Any, mv: Any, metric: str) -> dict[str, Any]:
     """What promotion needs to know about a model version: its metric (from its run) and parity."""
-    value = None
+    metrics: dict[str, float] = {}
     if mv.run_id:
         try:
-            value = client.get_run(mv.run_id).data.metrics.get(metric)
+            metrics = dict(client.get_run(mv.run_id).data.metrics)
         except MlflowException:
-            value = None
-    if value is not None and not math.isfinite(value):
-        value = None
-    return {"version": str(mv.version), "run_id": mv.run_id, "value": value,
+            metrics = {}
+
+    def finite(key: str) -> Optional[float]:
+        v = metrics.get(key)
+        return float(v) if v is not None and math.isfinite(v) else None
+
+    return {"version": str(mv.version), "run_id": mv.run_id, "value": finite(metric),
+            "accuracy": finite("test_accuracy"), "teacher_accuracy": finite("teacher_test_accuracy"),
+            "num_classes": finite("num_classes"),
             "onnx_parity": mv.tags.get("onnx_parity", "unknown"), "method": mv.tags.get("method")}
 
 
-def decide(challenger: Optional[dict[str, Any]], champion: Optional[dict[str, Any]], metric: str,
-           higher_is_better: bool, min_improvement: float) -> tuple[str, str, Optional[float]]:
-    """``(decision, reason, improvement)`` with decision ``promoted`` | ``refused`` | ``unchanged``. Pure."""
+def floor_violation(candidate: dict[str, Any], cfg: Any) -> Optional[str]:
+    """Why ``candidate`` may not become champion whatever the comparison says (None: it clears every floor).
+    Pure. The floors are on test accuracy: above ``min_accuracy``, clearly above chance, near the teacher."""
+    acc, version = candidate.get("accuracy"), candidate["version"]
+    if acc is None:
+        return f"test_accuracy is missing on version {version}'s run (the floors cannot be checked)"
+    if acc < cfg.min_accuracy:
+        return f"test accuracy {acc:.4f} of version {version} is below promote.min_accuracy {cfg.min_accuracy:g}"
+    classes = candidate.get("num_classes")
+    if classes:
+        chance = 1.0 / classes
+        if acc < chance + cfg.min_above_chance:
+            return (f"test accuracy {acc:.4f} of version {version} is not clearly above chance ({chance:.4f} for "
+                    f"{int(classes)} classes; promote.min_above_chance {cfg.min_above_chance:g})")
+    teacher = candidate.get("teacher_accuracy")
+    if cfg.max_below_teacher is not None and teacher is not None and acc < teacher - cfg.max_below_teacher:
+        return (f"test accuracy {acc:.4f} of version {version} trails its teacher's {teacher:.4f} by more than "
+                f"promote.max_below_teacher {cfg.max_below_teacher:g}")
+    return None
+
+
+def decide(challenger: Optional[dict[str, Any]], champion: Optional[dict[str, Any]], cfg: Any
+           ) -> tuple[str, str, Optional[float]]:
+    """``(decision, reason, improvement)`` with decision ``promoted`` | ``refused`` | ``unchanged``, under the
+    rule of ``cfg`` (params' ``promote`` section). Pure."""
+    metric, higher_is_better, min_improvement = cfg.metric, cfg.higher_is_better, cfg.min_improvement
     if challenger is None:
         return "refused", f"no model version has alias {CHALLENGER!r}", None
     if challenger["onnx_parity"] != "passed":
         return "refused", f"ONNX parity {challenger['onnx_parity']} for version {challenger['version']}", None
     if challenger["value"] is None:
         return "refused", f"metric {metric!r} is missing on version {challenger['version']}'s run", None
+    floor = floor_violation(challenger, cfg)
+    if floor is not None and (champion is None or champion["version"] != challenger["version"]):
+        return "refused", floor, None
     if champion is None:
         return "promoted", f"no champion yet; version {challenger['version']} passes the checks", None
     if champion["version"] == challenger["version"]:
@@ -130,8 +161,7 @@ def promote(
     mv_champion = _version_by_alias(client, name, champion_alias)
     challenger = describe_version(client, mv_challenger, cfg.metric) if mv_challenger else None
     champion = describe_version(client, mv_champion, cfg.metric) if mv_champion else None
-    decision, reason, improvement = decide(challenger, champion, cfg.metric, cfg.higher_is_better,
-                                           cfg.min_improvement)
+    decision, reason, improvement = decide(challenger, champion, cfg)
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     champion_after = champion["version"] if champion else None
     if decision == "promoted":

@@ -16,16 +16,19 @@ same from Prefect task threads and from stage subprocesses. mlflow is imported o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import yaml
+from filelock import FileLock
 
 from tasks import provenance
 from tasks.paths import DATA_REPORT, PREPARED, StagePaths
@@ -62,8 +65,32 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")) or "://" not in uri
 
 
+_READY: set[str] = set()  # tracking URIs whose database this process has seen initialised
+
+
 def get_client(root: str | os.PathLike = "."):
-    return _mlflow().MlflowClient(tracking_uri(root))
+    """An ``MlflowClient`` on :func:`tracking_uri`; the first call per database creates (or migrates) its
+    schema under a lock, so processes that start together against a new store do not race MLflow's table
+    creation (two flows on a fresh sqlite file failed 5 of 5 times with alembic/constraint errors)."""
+    uri = tracking_uri(root)
+    lock = _store_lock(uri) if uri not in _READY else None
+    if lock is None:
+        return _mlflow().MlflowClient(uri)
+    with FileLock(lock, timeout=600):
+        client = _mlflow().MlflowClient(uri)  # builds the store: tables, migrations, the Default experiment
+        client.search_experiments(max_results=1)
+    _READY.add(uri)
+    return client
+
+
+def _store_lock(uri: str) -> Optional[str]:
+    """The lock file guarding a database store's creation: next to a sqlite file, else in the temp folder
+    (keyed by the URI; guards processes of one machine); None for a tracking server (it owns its store)."""
+    if uri.startswith("sqlite:///"):
+        return uri.removeprefix("sqlite:///") + ".init.lock"
+    if is_local_store(uri):
+        return str(Path(tempfile.gettempdir()) / f"gkd-mlflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock")
+    return None
 
 
 def ensure_experiment(client: Any, name: str, root: str | os.PathLike = ".") -> str:
@@ -112,7 +139,7 @@ def base_tags(root: str | os.PathLike = ".") -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def fluent_mlflow(uri: str, experiment_id: str) -> Iterator[None]:
+def fluent_mlflow(uri: str, experiment_id: Optional[str] = None) -> Iterator[None]:
     """Point MLflow's fluent API (``mlflow.pytorch.log_model`` needs it) at ``uri`` / ``experiment_id`` for
     the block, then put the process back: ``mlflow.set_tracking_uri`` and ``mlflow.set_experiment`` also write
     MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID into os.environ, which would leak into every later stage
@@ -122,7 +149,8 @@ def fluent_mlflow(uri: str, experiment_id: str) -> Iterator[None]:
     saved_env = {k: os.environ.get(k) for k in env_keys}
     previous_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=experiment_id)
+    if experiment_id is not None:
+        mlflow.set_experiment(experiment_id=experiment_id)
     try:
         yield
     finally:

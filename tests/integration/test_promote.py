@@ -72,6 +72,7 @@ def test_promotion_rules(registry: Path, tmp_path: Path) -> None:
 
     root = registry
     client = tracking.get_client(root)
+    edit_params(root, {"promote.max_below_teacher": None})  # the comparisons below, not the teacher floor
 
     v_bad_parity = _register(root, tmp_path, 0.90, parity=False)
     rec = _promote(root)
@@ -120,12 +121,36 @@ def test_promotion_rules(registry: Path, tmp_path: Path) -> None:
 
 
 def test_decide_is_pure_and_direction_aware() -> None:
+    from gkd_core.sections import PromoteConfig
     from tasks.promote import decide
 
-    champ = {"version": "1", "value": 0.30, "onnx_parity": "passed"}
-    chall = {"version": "2", "value": 0.25, "onnx_parity": "passed"}
-    assert decide(chall, champ, "test_ece", higher_is_better=False, min_improvement=0.0)[0] == "promoted"
-    assert decide(chall, champ, "test_accuracy", higher_is_better=True, min_improvement=0.0)[0] == "refused"
-    assert decide({**chall, "value": 0.30}, champ, "m", True, 0.0)[0] == "refused"  # a tie keeps the champion
-    assert decide(None, champ, "m", True, 0.0)[0] == "refused"
-    assert decide(chall, {**champ, "value": None}, "m", True, 0.0)[0] == "promoted"
+    def rule(metric: str = "m", higher: bool = True) -> PromoteConfig:
+        return PromoteConfig(metric=metric, higher_is_better=higher)
+
+    facts = {"accuracy": 0.9, "num_classes": 10, "teacher_accuracy": 0.95, "onnx_parity": "passed"}
+    champ = {"version": "1", "value": 0.30, **facts}
+    chall = {"version": "2", "value": 0.25, **facts}
+    assert decide(chall, champ, rule("test_ece", higher=False))[0] == "promoted"
+    assert decide(chall, champ, rule("test_accuracy"))[0] == "refused"
+    assert decide({**chall, "value": 0.30}, champ, rule())[0] == "refused"  # a tie keeps the champion
+    assert decide(None, champ, rule())[0] == "refused"
+    assert decide(chall, {**champ, "value": None}, rule())[0] == "promoted"
+
+
+@pytest.mark.parametrize(("facts", "rule", "why"), [
+    ({"accuracy": 0.10, "num_classes": 10}, {}, "not clearly above chance"),
+    ({"accuracy": 0.19, "num_classes": 10}, {}, "not clearly above chance"),
+    ({"accuracy": 0.60, "num_classes": 10, "teacher_accuracy": 0.98}, {}, "trails its teacher"),
+    ({"accuracy": 0.60, "num_classes": 10}, {"min_accuracy": 0.7}, "below promote.min_accuracy"),
+    ({"num_classes": 10}, {}, "test_accuracy is missing"),
+])
+def test_floors_refuse_even_the_first_champion(facts: dict, rule: dict, why: str) -> None:
+    """A chance-level student (lr 10 ends at 10% on 10 classes) must never become champion, not even the first."""
+    from gkd_core.sections import PromoteConfig
+    from tasks.promote import decide
+
+    candidate = {"version": "1", "value": facts.get("accuracy", 0.5), "onnx_parity": "passed", **facts}
+    decision, reason, _ = decide(candidate, None, PromoteConfig(**rule))
+    assert decision == "refused" and why in reason
+    fine = {**candidate, "accuracy": 0.9, "value": 0.9, "teacher_accuracy": 0.95}
+    assert decide(fine, None, PromoteConfig(**rule))[0] == "promoted"
