@@ -29,6 +29,7 @@ from prefect.runtime import flow_run
 from rich.console import Console
 from rich.table import Table
 
+from flows import cli as flow_cli
 from flows.prefect_tasks import GPU_STAGES, promote_task, register_task, stage_options, stage_task, sweep_point_task
 from gkd_core.cli_support import UserError, load_params_checked, run_cli
 from tasks import dvc_ops, tracking
@@ -136,7 +137,9 @@ def pipeline(
         if promote:
             decision = promote_task(paths)
         for method in baselines:  # same teacher, same seed, only the method differs
-            point = sweep_point_task.with_options(tags=["gpu"])(method, params.seed, root, BASELINES_DIR, parent)
+            log.info("baseline %s: the same teacher, data and seed, only the method differs", method)
+            point = sweep_point_task.with_options(tags=["gpu"])(method, params.seed, root, parent,
+                                                                points_dir=BASELINES_DIR)
             comparison[method] = point["test_accuracy"]
         comparison[params.method.name] = evaluation.get("test_accuracy")
         status = "FINISHED"
@@ -209,7 +212,9 @@ def main(
     gpu_dispatch: str = typer.Option("local", help="local | deployment (GPU stages on the gpu work pool)"),
     baselines: str = typer.Option("", help="comma-separated methods to distil too for comparison, e.g. none,kd"),
 ) -> None:
-    """Run the pipeline flow (bad input ends with one message and exit code 2 before any stage runs)."""
+    """Run the pipeline flow (bad input ends with one message and exit code 2 before any stage runs; a failed
+    run ends with its cause as the last line)."""
+    flow_cli.install()
     configure_logging()
     root = params.resolve().parent
 
@@ -226,8 +231,9 @@ def main(
         return methods
 
     baseline_list = run_cli(checked_baselines, report=logger.error)
-    _print_summary(pipeline(str(root), register_model=register, promote=promote, gpu_dispatch=gpu_dispatch,
-                            baselines=baseline_list))
+    result = flow_cli.run_flow(lambda: pipeline(str(root), register_model=register, promote=promote,
+                                                gpu_dispatch=gpu_dispatch, baselines=baseline_list), "pipeline")
+    _print_summary(result)
 
 
 if __name__ == "__main__":

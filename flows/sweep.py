@@ -1,85 +1,80 @@
-"""Methods x seeds as parallel Prefect tasks, then a comparison table (markdown + JSON + PNG, mean ± std).
+"""The comparison, one command: arms x seeds with one shared teacher, then the table (tasks/sweep.py).
 
-    python -m flows.sweep --methods none,kd,gompertz --seeds 0,1,2 --workers 2
+    python -m flows.sweep --preset fashion-mnist                      # a preset of sweeps.yaml
+    python -m flows.sweep --methods none kd linear gompertz --seeds 0 1 2 -S student.train.epochs=5
+    python -m flows.sweep --preset digits-smoke --workers 2
 
-prepare_data and train_teacher run first through DVC (so the sweep shares the pipeline's cached data and
-teacher); then every (method, seed) distils and evaluates a student in its own process
-(``ProcessPoolTaskRunner``), under one MLflow parent run. Point outputs go to
-``reports/sweep/points/<method>-seed<n>/``, the comparison to ``reports/sweep/``.
+A preset names its arms, seeds, reference arm and params overrides; without one, ``--methods``/``--seeds``
+(space- or comma-separated) and ``-S key=value`` define a sweep called ``custom`` (``--name`` renames it).
+The data and the teacher are prepared once in ``reports/sweep/<name>/``, then the points run as parallel
+Prefect tasks in processes of their own (``--workers``), each logged to MLflow under one parent run. Finished
+points are skipped when the sweep is run again (after an interruption, or with more seeds); a progress bar
+counts the points. The comparison lands in ``reports/sweep/<name>/comparison.{md,json,png}``.
 
-Why tasks rather than ``dvc exp run``: every point shares one teacher (a DVC experiment per seed would
-retrain it, since ``seed`` is a teacher param too), points run in parallel without a git commit per
-experiment, and each point is a retryable task in the flow's observability. ``dvc exp run -S`` remains the
-tool for single what-if runs of the whole pipeline.
+Why tasks rather than ``dvc exp run``: every point shares one teacher (an experiment per seed would retrain
+it), points run in parallel without a git commit per experiment, and each is a retryable task in the flow.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import typer
 from prefect import flow, get_run_logger
+from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner
 from rich.console import Console
 from rich.markdown import Markdown
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flows.pipeline import validate_inputs
-from flows.prefect_tasks import stage_options, stage_task, sweep_point_task
-from gkd_core.cli_support import UserError, load_params_checked, run_cli
+from flows import cli as flow_cli
+from flows.prefect_tasks import sweep_point_task
+from gkd_core.cli_support import UserError, load_params_checked, parse_overrides, run_cli
 from tasks import tracking
 from tasks.cli import configure_logging
 from tasks.paths import PARAMS_FILE
-from tasks.sweep import POINTS_DIR, SUMMARY_METRICS, write_comparison
+from tasks.sweep import SweepSpec, compare, load_preset, shared_stages, sweep_root, write_comparison, write_sweep_params
 
 logger = logging.getLogger(__name__)
-DEFAULT_METHODS = ["none", "kd", "gompertz"]
-DEFAULT_SEEDS = [0, 1, 2]
-OUT_DIR = "reports/sweep"
-
-
-def check_sweep(root: Path, methods: list[str], seeds: list[int], metric: str) -> None:
-    """Every (method, seed) must give valid params; the metric must be one the table summarises."""
-    if not methods or not seeds:
-        raise UserError("a sweep needs at least one method and one seed")
-    if metric not in SUMMARY_METRICS:
-        raise UserError(f"metric {metric!r} not summarised; choose one of {', '.join(SUMMARY_METRICS)}")
-    for method in methods:
-        for seed in seeds:
-            load_params_checked(root / PARAMS_FILE, {"method.name": method, "seed": seed}, check_dataset=False)
+DEFAULT_METHODS = ("none", "kd", "gompertz")
+DEFAULT_SEEDS = (0, 1, 2)
+MULTI_VALUE = ("--methods", "--seeds")
 
 
 @flow(name="gkd-sweep", task_runner=ProcessPoolTaskRunner(max_workers=2))
-def sweep(
-    methods: Optional[list[str]] = None,
-    seeds: Optional[list[int]] = None,
-    project_dir: str = ".",
-    metric: str = "test_accuracy",
-    threads_per_worker: Optional[int] = None,
-) -> dict[str, Any]:
-    """Run the sweep; returns ``{"parent_run_id", "points", "files"}``. Use ``sweep.with_options(
-    task_runner=ProcessPoolTaskRunner(max_workers=n))`` for another degree of parallelism."""
+def sweep(spec: SweepSpec, project_dir: str = ".", threads_per_worker: Optional[int] = None,
+          show_progress: bool = False) -> dict[str, Any]:
+    """Run the sweep ``spec``; returns ``{"parent_run_id", "points", "files", "table"}``. Use
+    ``sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))`` for another parallelism."""
     log = get_run_logger()
-    methods = list(methods or DEFAULT_METHODS)
-    seeds = [int(s) for s in (seeds or DEFAULT_SEEDS)]
     root = Path(project_dir).resolve()
-    params = validate_inputs(root)
-    check_sweep(root, methods, seeds, metric)
-    parent = tracking.start_parent_run(root, params, run_name="sweep",
-                                       tags={"gkd.flow": "sweep", "methods": ",".join(methods),
-                                             "seeds": ",".join(map(str, seeds))})
+    params_file = write_sweep_params(root, spec)
+    folder = sweep_root(root, spec)
+    params = load_params_checked(params_file, check_dataset=False)
+    parent = tracking.start_parent_run(root, params, run_name=f"sweep-{spec.name}", tags={
+        "gkd.flow": "sweep", "sweep": spec.name, "arms": ",".join(spec.arms), "seeds": ",".join(map(str, spec.seeds))})
     status = "FAILED"
     try:
-        for stage in ("prepare_data", "train_teacher"):
-            stage_task.with_options(**stage_options(stage))(str(root), stage, parent)
-        futures = [
-            sweep_point_task.submit(method, seed, str(root), POINTS_DIR, parent, threads_per_worker)
-            for method in methods for seed in seeds
-        ]
-        points = [f.result() for f in futures]
-        files = write_comparison(points, methods, root / OUT_DIR, metric)
+        shared = shared_stages(root, spec, parent)
+        log.info("sweep %s: data and teacher %s (teacher test accuracy %.4f)", spec.name,
+                 "prepared now" if shared["ran"] else "reused", shared["teacher"].get("test_accuracy", float("nan")))
+        futures = [sweep_point_task.submit(arm, seed, str(folder), parent, threads_per_worker)
+                   for arm in spec.arms for seed in spec.seeds]
+        points = []
+        with _progress(show_progress) as bar:
+            task = bar.add_task(f"sweep {spec.name}", total=len(futures))
+            for future in as_completed(futures):
+                point = future.result()
+                points.append(point)
+                bar.advance(task)
+                log.info("point %s-seed%d: test %.4f%s", point["arm"], point["seed"], point["test_accuracy"],
+                         " (already done)" if point["skipped"] else "")
+        table = compare(points, spec)
+        files = write_comparison(table, folder)
         run = tracking.StageRun(tracking.get_client(root), parent, root)
         for path in files.values():
             run.log_artifact(path, "sweep")
@@ -87,37 +82,82 @@ def sweep(
     finally:
         tracking.end_run(root, parent, status)
     log.info("sweep of %d points done: %s", len(points), files["md"])
-    return {"parent_run_id": parent, "points": points, "files": files}
+    return {"parent_run_id": parent, "points": points, "files": files, "table": table}
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("points"),
+                    TimeElapsedColumn(), disable=not enabled, transient=False)
+
+
+def expand_multi_values(argv: Sequence[str], options: Sequence[str] = MULTI_VALUE) -> list[str]:
+    """``--methods a b c`` -> ``--methods a --methods b --methods c`` (the README's form; typer takes one value
+    per flag); values end at the next token that starts with ``-``."""
+    out, current = [], None
+    for token in argv:
+        if token in options:
+            current = token
+            continue
+        if current is not None and not token.startswith("-"):
+            out += [current, token]
+            continue
+        current = None
+        out.append(token)
+    return out
+
+
+def _split(values: Optional[list[str]]) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], seeds: Optional[list[str]],
+               overrides: Optional[list[str]], name: Optional[str], reference: Optional[str]) -> SweepSpec:
+    """The sweep the command line asks for: a preset (``--methods``/``--seeds``/``-S`` refine it) or a custom one."""
+    try:
+        seed_list = [int(s) for s in _split(seeds)]
+    except ValueError:
+        raise UserError(f"--seeds must be integers, got {seeds!r}") from None
+    base = load_preset(root, preset) if preset else SweepSpec(name="custom", arms=DEFAULT_METHODS,
+                                                               seeds=DEFAULT_SEEDS, reference="kd")
+    arms = tuple(_split(methods)) or base.arms
+    reference = reference or (base.reference if base.reference in arms else None)
+    return SweepSpec(name=name or base.name, arms=arms, seeds=tuple(seed_list) or base.seeds, reference=reference,
+                     params={**base.params, **parse_overrides(overrides)}, description=base.description)
 
 
 def main(
-    methods: str = ",".join(DEFAULT_METHODS),
-    seeds: str = ",".join(map(str, DEFAULT_SEEDS)),
-    project_dir: Path = Path("."),
-    workers: int = 2,
-    metric: str = "test_accuracy",
+    preset: Optional[str] = typer.Option(None, help="a preset of sweeps.yaml (fashion-mnist, cifar10-cpu, ...)"),
+    methods: Optional[list[str]] = typer.Option(None, help="arms (method names): --methods none kd gompertz"),
+    seeds: Optional[list[str]] = typer.Option(None, help="student seeds: --seeds 0 1 2"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", "-S", help="a param for every point: -S key=value"),
+    name: Optional[str] = typer.Option(None, help="the sweep's folder under reports/sweep (default: the preset)"),
+    reference: Optional[str] = typer.Option(None, help="the arm paired differences are taken against (default kd)"),
+    project_dir: Path = typer.Option(Path("."), help="the project folder (params.yaml, sweeps.yaml)"),
+    workers: int = typer.Option(2, min=1, help="points run in parallel (processes)"),
 ) -> None:
-    """Run a sweep of comma-separated methods x seeds and print the comparison table."""
+    """Run a sweep of arms x seeds and print the comparison table."""
+    flow_cli.install()
     configure_logging()
     root = project_dir.resolve()
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
 
-    def checked_seeds() -> list[int]:
-        try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
-        validate_inputs(root)
-        check_sweep(root, method_list, seed_list, metric)
-        return seed_list
+    def checked() -> SweepSpec:
+        if not (root / PARAMS_FILE).is_file():
+            raise UserError(f"{root / PARAMS_FILE}: not found (is {root} the project folder?)")
+        spec = build_spec(root, preset, methods, seeds, overrides, name, reference)
+        write_sweep_params(root, spec)
+        return spec
 
-    seed_list = run_cli(checked_seeds, report=logger.error)
-    workers = max(1, workers)
+    spec = run_cli(checked, report=logger.error)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    result = sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
-        method_list, seed_list, str(root), metric, threads)
+    result = flow_cli.run_flow(lambda: sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
+        spec, str(root), threads, show_progress=True), "sweep")
     Console().print(Markdown(Path(result["files"]["md"]).read_text()))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    sys.argv[1:] = expand_multi_values(sys.argv[1:])
     typer.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -133,23 +133,35 @@ def plot_confusion_matrix(
     logger.info("wrote confusion matrix plot %s", path)
 
 
-def plot_comparison(rows: Sequence[Mapping[str, Any]], metric: str, path: str | os.PathLike, title: str) -> None:
-    """Bar chart of ``mean ± std`` of ``metric`` per method (rows ``{method, mean, std, values}``), seeds as dots."""
-    fig = _figure(max(4.0, 1.1 * len(rows) + 2.0), 3.6)
+def comparison_figure(rows: Sequence[Mapping[str, Any]], metric: str, title: str) -> Any:
+    """Every seed's ``metric`` per arm (dots) with the arm's mean ± std (rows ``{method, mean, std, values}``).
+
+    No bars: a bar drawn from a cut-off axis exaggerates differences, one drawn from 0 hides them. The y-axis
+    spans every value with a margin, so no seed is clipped and the spread is visible next to the differences.
+    """
+    fig = _figure(max(4.5, 0.9 * len(rows) + 2.5), 3.8)
     ax = fig.add_subplot(1, 1, 1)
-    names = [r["method"] for r in rows]
-    means = [r["mean"] if r["mean"] is not None else float("nan") for r in rows]
-    stds = [r["std"] or 0.0 for r in rows]
-    ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.7)
+    values: list[float] = []
     for i, r in enumerate(rows):
-        values = [v for v in r.get("values", []) if v is not None]
-        ax.scatter([i] * len(values), values, color="black", s=10, zorder=3)
-    finite = [m - s for m, s in zip(means, stds) if not math.isnan(m)]
-    if finite:
-        ax.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)
-                                                                  if not math.isnan(m)) + 0.03))
-    ax.set_xticks(range(len(rows)), labels=names, rotation=20)
-    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
-    ax.set_title(title)
+        vals = [float(v) for v in r.get("values", []) if v is not None and math.isfinite(float(v))]
+        values += vals
+        ax.scatter([i] * len(vals), vals, color="black", s=14, zorder=3, label="seed" if i == 0 else None)
+        if r.get("mean") is not None:
+            ax.errorbar([i + 0.18], [r["mean"]], yerr=[r.get("std") or 0.0], fmt="o", color="tab:blue", capsize=4,
+                        label="mean ± std" if i == 0 else None)
+    if values:
+        lo, hi = min(values), max(values)
+        pad = max(0.1 * (hi - lo), 0.005)
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xticks(range(len(rows)), labels=[r["method"] for r in rows], rotation=25, ha="right")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    if values:
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def plot_comparison(rows: Sequence[Mapping[str, Any]], metric: str, path: str | os.PathLike, title: str) -> None:
+    """:func:`comparison_figure` as a PNG."""
+    _save(comparison_figure(rows, metric, title), path)

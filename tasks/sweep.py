@@ -1,117 +1,300 @@
-"""Sweep points and the comparison table: one (method, seed) = distill_student + evaluate against the
-pipeline's prepared data and teacher, every output under ``reports/sweep/points/<method>-seed<n>/`` (the
-project's layout below it: models/student.pt, reports/evaluate.json, ...); the table gives mean ± std over
-seeds per method.
+"""Sweeps: arms (methods) x seeds with one shared teacher, resumable, and the comparison table.
 
-The sweep flow (flows/sweep.py) runs the points as parallel Prefect tasks in separate processes (torch's
-global RNG and thread pool are per process, so parallel points stay reproducible).
+A sweep lives in one folder, ``reports/sweep/<name>/``: the resolved ``params.yaml`` (params.yaml + the
+preset's or the command line's overrides), the shared prepared data and teacher (the project layout:
+data/prepared.pt, models/teacher.pt, reports/), and ``points/<arm>-seed<n>/`` per point (its student, reports,
+curves). Every point reads the shared data and teacher; its seed sets the student's initialisation and data
+order, never the split. Each output carries the fingerprint of what produced it (``sweep_fingerprint`` in its
+report), so an interrupted or repeated sweep skips what is done and redoes what changed.
+
+:func:`compare` turns the points into the table of docs/results.md: per arm, mean ± std over seeds of the
+final and of the best-validation-epoch test top-1, and the paired difference against the reference arm (same
+seeds) with a 95% t-interval; the PNG shows every seed's value with the arms' means and intervals.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import logging
 import math
+import os
+import platform
 import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
+import yaml
+from scipy import stats
 
+from gkd_core.cli_support import UserError, load_params_checked
 from gkd_core.io import atomic_write, write_json
 from gkd_core.plots import plot_comparison
 from tasks.distill_student import distill_student
 from tasks.evaluate import evaluate
-from tasks.paths import PARAMS_FILE, StagePaths
+from tasks.paths import DATA_REPORT, EVALUATE_REPORT, PARAMS_FILE, STUDENT_REPORT, TEACHER_REPORT, StagePaths
+from tasks.prepare_data import prepare_data
+from tasks.reports import read_json
+from tasks.train_teacher import train_teacher
 
 logger = logging.getLogger(__name__)
-POINTS_DIR = "reports/sweep/points"
-SUMMARY_METRICS = ("test_accuracy", "agreement", "test_ece", "test_nll", "best_val_accuracy", "train_seconds")
+PRESETS_FILE = "sweeps.yaml"
+SWEEP_DIR = "reports/sweep"
+POINTS = "points"
 
 
-def point_name(method: str, seed: int) -> str:
-    return f"{method}-seed{seed}"
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep runs: a name (its folder), the arms, the seeds, the reference arm, params overrides."""
+
+    name: str
+    arms: tuple[str, ...]
+    seeds: tuple[int, ...]
+    reference: Optional[str] = "kd"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
 
 
-def sweep_point(
-    method: str,
-    seed: int,
-    root: str,
-    work_dir: str = POINTS_DIR,
-    parent_run_id: Optional[str] = None,
-    threads: Optional[int] = None,
-    params_path: str = PARAMS_FILE,
-) -> dict[str, Any]:
-    """Distil and evaluate one student with ``method.name=method`` and ``seed=seed`` under
-    ``<root>/<work_dir>/<method>-seed<seed>/``; returns its metrics. ``threads`` limits torch's intra-op
-    threads (parallel points share the cores; each point runs in a process of its own)."""
+def load_preset(root: Path, name: str) -> SweepSpec:
+    """Preset ``name`` of ``<root>/sweeps.yaml``, or UserError naming the presets there are."""
+    path = root / PRESETS_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: no presets file")
+    presets = (yaml.safe_load(path.read_text()) or {}).get("presets") or {}
+    if name not in presets:
+        raise UserError(f"{path}: no preset {name!r}; presets: {', '.join(presets) or 'none'}")
+    p = presets[name]
+    missing = [k for k in ("arms", "seeds") if not p.get(k)]
+    if missing:
+        raise UserError(f"{path}: preset {name!r} lacks {', '.join(missing)}")
+    return SweepSpec(name=name, arms=tuple(p["arms"]), seeds=tuple(int(s) for s in p["seeds"]),
+                     reference=p.get("reference"), params=dict(p.get("params") or {}),
+                     description=str(p.get("description", "")))
+
+
+def merged(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with dotted-key ``overrides``; a mapping value is merged into the section it names (so
+    ``teacher.train: {epochs: 3}`` keeps the other training fields)."""
+    out = copy.deepcopy(data)
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+            node[leaf] = merged(node[leaf], {k: v for k, v in value.items()})
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return out
+
+
+def sweep_root(root: Path, spec: SweepSpec) -> Path:
+    return root / SWEEP_DIR / spec.name
+
+
+def write_sweep_params(root: Path, spec: SweepSpec) -> Path:
+    """The sweep's own params.yaml (params.yaml + the spec's overrides), validated; every arm x seed checked."""
+    base = yaml.safe_load((root / PARAMS_FILE).read_text()) or {}
+    resolved = merged(base, spec.params)
+    folder = sweep_root(root, spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = f"# {spec.name}: {PARAMS_FILE} with the sweep's overrides (written by flows.sweep)\n" + \
+        yaml.safe_dump(resolved, sort_keys=False)
+    target = folder / PARAMS_FILE
+    if not target.is_file() or target.read_text() != text:
+        with atomic_write(target) as fh:
+            fh.write(text)
+    if not spec.arms or not spec.seeds:
+        raise UserError("a sweep needs at least one arm and one seed")
+    if spec.reference is not None and spec.reference not in spec.arms:
+        raise UserError(f"reference arm {spec.reference!r} is not among the arms {list(spec.arms)}")
+    for arm in spec.arms:
+        for seed in spec.seeds:
+            load_params_checked(target, {"method.name": arm, "seed": seed}, check_dataset=False)
+    load_params_checked(target)  # the dataset source too, once
+    return target
+
+
+def _fingerprint(params_file: Path, keys: Sequence[str], extra: Mapping[str, Any]) -> str:
+    data = yaml.safe_load(params_file.read_text()) or {}
+    picked = {k: data.get(k) for k in keys}
+    blob = json.dumps({**picked, **extra}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _done(report: Path, fingerprint: str) -> bool:
+    try:
+        return read_json(report).get("sweep_fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def _stamp(report: Path, fingerprint: str) -> None:
+    write_json(report, {**read_json(report), "sweep_fingerprint": fingerprint})
+
+
+def shared_stages(root: Path, spec: SweepSpec, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    """Prepare the data and train the teacher in the sweep's folder, unless done for the same params."""
+    folder = sweep_root(root, spec)
+    params_file = folder / PARAMS_FILE
+    paths = StagePaths(folder)
+    data_fp = _fingerprint(params_file, ("seed", "dataset"), {})
+    teacher_fp = _fingerprint(params_file, ("seed", "dataset", "teacher", "runtime"), {})
+    done = {"prepare_data": _done(paths.output(DATA_REPORT), data_fp),
+            "train_teacher": _done(paths.output(TEACHER_REPORT), teacher_fp)}
+    if not done["prepare_data"]:
+        prepare_data(paths, parent_run_id=parent_run_id)
+        _stamp(paths.output(DATA_REPORT), data_fp)
+        done["train_teacher"] = False
+    if not done["train_teacher"]:
+        train_teacher(paths, parent_run_id=parent_run_id)
+        _stamp(paths.output(TEACHER_REPORT), teacher_fp)
+    return {"ran": [k for k, v in done.items() if not v], "teacher": read_json(paths.output(TEACHER_REPORT))}
+
+
+def point_name(arm: str, seed: int) -> str:
+    return f"{arm}-seed{seed}"
+
+
+def sweep_point(arm: str, seed: int, folder: str, parent_run_id: Optional[str] = None,
+                threads: Optional[int] = None, points_dir: str = POINTS) -> dict[str, Any]:
+    """Distil and evaluate one student (``method.name=arm``, ``seed=seed``) with the data and teacher of
+    ``folder`` (a sweep's folder, or the project for the pipeline's baselines), its outputs under
+    ``<folder>/<points_dir>/<arm>-seed<n>/``; skipped when its reports already carry the fingerprint of these
+    params. Returns its figures."""
     if threads:
         torch.set_num_threads(max(1, int(threads)))
-    name = point_name(method, seed)
-    out = Path(work_dir) / name
-    paths = StagePaths(Path(root), out)
-    overrides = {"method.name": method, "seed": seed}
-    train = distill_student(paths, params_path, overrides, parent_run_id, run_name=name)
-    ev = evaluate(paths, params_path, overrides, parent_run_id, run_name=f"{name}-evaluate")
+    name = point_name(arm, seed)
+    paths = StagePaths(Path(folder), Path(points_dir) / name)
+    params_file = Path(folder) / PARAMS_FILE
+    overrides = {"method.name": arm, "seed": seed}
+    fp = _fingerprint(params_file, ("dataset", "teacher", "student", "method", "losses", "runtime"),
+                      {"arm": arm, "seed": seed, "teacher_data": read_json(paths.input(DATA_REPORT)).get("hash")})
+    skipped = _done(paths.output(EVALUATE_REPORT), fp)
+    if not skipped:
+        distill_student(paths, PARAMS_FILE, overrides, parent_run_id, run_name=name)
+        evaluate(paths, PARAMS_FILE, overrides, parent_run_id, run_name=f"{name}-evaluate")
+        _stamp(paths.output(EVALUATE_REPORT), fp)
+    train, ev = read_json(paths.output(STUDENT_REPORT)), read_json(paths.output(EVALUATE_REPORT))
     return {
-        "method": method, "seed": seed, "dir": str(out),
-        "test_accuracy": ev.get("test_accuracy"), "agreement": ev.get("agreement"), "test_ece": ev.get("test_ece"),
-        "test_nll": ev.get("test_nll"), "best_val_accuracy": train.get("best_val_accuracy"),
-        "train_seconds": train.get("train_seconds"),
+        "arm": arm, "seed": seed, "dir": str(paths.out_dir), "skipped": skipped,
+        "objective": train.get("objective"),
+        "test_accuracy": ev.get("test_accuracy"), "best_val_test_accuracy": train.get("best_val_test_accuracy"),
+        "best_val_epoch": train.get("best_val_epoch"), "best_val_accuracy": train.get("best_val_accuracy"),
+        "agreement": ev.get("agreement"), "test_ece": ev.get("test_ece"), "test_nll": ev.get("test_nll"),
+        "train_seconds": train.get("train_seconds"), "device": train.get("device"),
     }
 
 
-def _clean(values: Sequence[Any]) -> list[float]:
+# --- the comparison ---------------------------------------------------------------------------------------
+
+METRICS = ("test_accuracy", "best_val_test_accuracy", "agreement", "test_ece", "train_seconds")
+
+
+def _finite(values: Sequence[Any]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
-def summarize(points: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
-    """Per method (in ``methods`` order): n and, per metric, mean, std (sample, 0 for one seed) and values."""
+def _stat(values: Sequence[float]) -> dict[str, Any]:
+    vals = _finite(values)
+    return {"mean": statistics.fmean(vals) if vals else None,
+            "std": statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None), "values": vals}
+
+
+def paired_difference(arm: Sequence[dict[str, Any]], ref: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """``arm - ref`` per shared seed: mean, std and the 95% t-interval of the mean (n - 1 degrees of freedom)."""
+    by_seed = {p["seed"]: p.get(metric) for p in ref}
+    diffs = [float(p[metric]) - float(by_seed[p["seed"]]) for p in arm
+             if p.get(metric) is not None and by_seed.get(p["seed"]) is not None]
+    out = _stat(diffs)
+    out["n"] = len(diffs)
+    if len(diffs) > 1:
+        half = float(stats.t.ppf(0.975, len(diffs) - 1)) * out["std"] / math.sqrt(len(diffs))
+        out["ci95"] = [out["mean"] - half, out["mean"] + half]
+    else:
+        out["ci95"] = None
+    return out
+
+
+def compare(points: Sequence[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
+    """The comparison of :func:`sweep_point` results (see the module docstring)."""
     rows = []
-    for method in methods:
-        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["seed"])
-        row: dict[str, Any] = {"method": method, "n": len(mine), "seeds": [p["seed"] for p in mine]}
-        for metric in SUMMARY_METRICS:
-            vals = _clean([p.get(metric) for p in mine])
-            row[metric] = {
-                "mean": statistics.fmean(vals) if vals else None,
-                "std": statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None),
-                "values": vals,
-            }
+    ref = [p for p in points if p["arm"] == spec.reference]
+    for arm in spec.arms:
+        mine = sorted((p for p in points if p["arm"] == arm), key=lambda p: p["seed"])
+        row: dict[str, Any] = {"arm": arm, "n": len(mine), "seeds": [p["seed"] for p in mine],
+                               "objective": next((p.get("objective") for p in mine if p.get("objective")), None)}
+        for metric in METRICS:
+            row[metric] = _stat([p.get(metric) for p in mine])
+        if spec.reference is not None and arm != spec.reference:
+            row["vs_reference"] = {m: paired_difference(mine, ref, m)
+                                   for m in ("test_accuracy", "best_val_test_accuracy")}
         rows.append(row)
-    return rows
+    return {"sweep": spec.name, "description": spec.description, "reference": spec.reference, "arms": rows,
+            "points": list(points), "params_overrides": dict(spec.params), "hardware": hardware(points),
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def _fmt(stat: dict[str, Any], digits: int = 4) -> str:
-    if stat["mean"] is None:
+def hardware(points: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    devices = sorted({str(p.get("device")) for p in points if p.get("device")})
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+            "logical_cpus": os.cpu_count(), "gpu": gpu, "devices": devices,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _pm(stat: Mapping[str, Any], digits: int = 4) -> str:
+    return "-" if stat.get("mean") is None else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _diff(d: Optional[Mapping[str, Any]]) -> str:
+    if not d or d.get("mean") is None:
         return "-"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    ci = d.get("ci95")
+    interval = f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]" if ci else ""
+    return f"{d['mean'] * 100:+.2f}{interval}"
 
 
-def comparison_markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
-    cols = [metric] + [m for m in SUMMARY_METRICS if m != metric]
+def comparison_markdown(table: Mapping[str, Any]) -> str:
+    ref = table["reference"]
     lines = [
-        f"# Sweep: methods x seeds (mean ± std over seeds; sorted by the order given; primary metric `{metric}`)",
+        f"# Sweep `{table['sweep']}`",
         "",
-        "| method | seeds | " + " | ".join(cols) + " |",
-        "|---|---|" + "---|" * len(cols),
+        table.get("description") or "",
+        "",
+        f"Mean ± std over seeds. Δ: paired difference against `{ref}` in points (same seeds), with its 95% "
+        "t-interval; an interval that contains 0 is not a difference at this number of seeds.",
+        "",
+        "| arm | seeds | test top-1 (final) | test top-1 (best val epoch) | Δ final vs " + f"`{ref}`" +
+        " | Δ best-val vs " + f"`{ref}`" + " | agreement | ECE | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        digits = {"train_seconds": 1}
-        lines.append(f"| {r['method']} | {r['n']} | "
-                     + " | ".join(_fmt(r[c], digits.get(c, 4)) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    for r in table["arms"]:
+        vs = r.get("vs_reference") or {}
+        lines.append(
+            f"| `{r['arm']}` | {r['n']} | {_pm(r['test_accuracy'])} | {_pm(r['best_val_test_accuracy'])} | "
+            f"{_diff(vs.get('test_accuracy'))} | {_diff(vs.get('best_val_test_accuracy'))} | "
+            f"{_pm(r['agreement'], 3)} | {_pm(r['test_ece'], 3)} | {_pm(r['train_seconds'], 0)} |")
+    lines += ["", "Objectives as run:", ""]
+    lines += [f"- `{r['arm']}`: {r['objective'] or '-'}" for r in table["arms"]]
+    hw = table["hardware"]
+    lines += ["", f"Hardware: {hw['cpu']} ({hw['logical_cpus']} logical CPUs), "
+              f"GPU: {hw['gpu'] or 'none'}, devices used: {', '.join(hw['devices']) or '-'}; torch {hw['torch']}, "
+              f"Python {hw['python']}; written {table['written']}.", ""]
+    return "\n".join(lines)
 
 
-def write_comparison(points: Sequence[dict[str, Any]], methods: Sequence[str], out_dir: str | Path,
-                     metric: str = "test_accuracy") -> dict[str, str]:
-    """Write comparison.md, comparison.json and comparison.png under ``out_dir``; returns their paths."""
-    out_dir = Path(out_dir)
-    rows = summarize(points, methods)
-    paths = {"md": out_dir / "comparison.md", "json": out_dir / "comparison.json", "png": out_dir / "comparison.png"}
+def write_comparison(table: Mapping[str, Any], folder: Path) -> dict[str, str]:
+    """comparison.md, comparison.json and comparison.png in ``folder``; returns their paths."""
+    paths = {"md": folder / "comparison.md", "json": folder / "comparison.json", "png": folder / "comparison.png"}
     with atomic_write(paths["md"]) as fh:
-        fh.write(comparison_markdown(rows, metric))
-    write_json(paths["json"], {"metric": metric, "methods": rows, "points": list(points)})
-    plot_comparison([{"method": r["method"], **r[metric]} for r in rows], metric, paths["png"],
-                          title=f"{metric} by method")
-    logger.info("sweep comparison written to %s", out_dir)
+        fh.write(comparison_markdown(table))
+    write_json(paths["json"], table)
+    plot_comparison([{"method": r["arm"], **r["test_accuracy"]} for r in table["arms"]], "test_accuracy",
+                    paths["png"], title=f"sweep {table['sweep']}: final test top-1 by arm (dots: seeds)")
+    logger.info("sweep comparison written to %s", folder)
     return {k: str(v) for k, v in paths.items()}

@@ -148,38 +148,63 @@ def test_flow_runs_every_stage_and_registers_challenger(pipeline_run: dict[str, 
 
 def test_challenger_loads_in_a_fresh_process_and_onnx_agrees(pipeline_run: dict[str, Any],
                                                              pipeline_project: Path, tmp_path: Path) -> None:
+    """The three ways a user loads the registered student, in a fresh process: the PyTorch network
+    (tasks.registry.load_student: .eval(), .to() work), the pyfunc on raw images (PNG bytes and uint8 arrays),
+    the ONNX flavour; all agree with the local model file and with the evaluate stage."""
     script = tmp_path / "load.py"
     script.write_text(textwrap.dedent("""
-        import json, sys
+        import io, json, sys
         from pathlib import Path
-        import mlflow, numpy as np, onnxruntime as ort, torch
+        import mlflow, numpy as np, pandas as pd, torch
+        from PIL import Image
         from gkd_core.data import load_prepared
         from gkd_core.runner import load_model, normalise_images
+        from tasks.registry import load_student
 
         root = Path(sys.argv[1])
         mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-        model = mlflow.pytorch.load_model("models:/gkd-student@challenger")
+        uri = "models:/gkd-student@challenger"
+        model, meta = load_student(uri, root=root)
+        model = model.eval().to("cpu")
         data = load_prepared(root / "data/prepared.pt")
         x = normalise_images(data.test_x[:50], data.mean.tolist(), data.std.tolist())
         with torch.no_grad():
             registered = model(x).numpy()
             local = load_model(root / "models/student.pt")[0](x).numpy()
-        folder = Path(mlflow.artifacts.download_artifacts("models:/gkd-student@challenger", dst_path=sys.argv[2]))
-        session = ort.InferenceSession(str(folder / "extra_files/student.onnx"), providers=["CPUExecutionProvider"])
+        pyfunc = mlflow.pyfunc.load_model(uri)
+        pngs = []
+        for img in data.test_x[:50].numpy():
+            buf = io.BytesIO()
+            Image.fromarray(img[0]).save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        from_bytes = pyfunc.predict(pd.DataFrame({"image": pngs}))
+        from_arrays = pyfunc.predict(pd.DataFrame({"image": list(data.test_x[:50].numpy()[:, 0])}))
+        client = mlflow.MlflowClient()
+        mv = client.get_model_version_by_alias("gkd-student", "challenger")
+        onnx_model = mlflow.onnx.load_model(mv.tags["onnx_model_uri"])
+        import onnxruntime as ort
+        session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
         onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        probs = np.array(from_bytes["probabilities"].tolist())
         print(json.dumps({
             "type": type(model).__name__,
             "registered_vs_local": float(np.abs(registered - local).max()),
             "onnx_vs_registered": float(np.abs(onnx_out - registered).max()),
-            "same_argmax": bool((onnx_out.argmax(1) == registered.argmax(1)).all()),
+            "pyfunc_labels_agree": bool((from_bytes["index"].to_numpy() == registered.argmax(1)).all()),
+            "pyfunc_arrays_agree": bool((from_arrays["index"].to_numpy() == registered.argmax(1)).all()),
+            "pyfunc_probs_vs_softmax": float(np.abs(probs - torch.softmax(torch.from_numpy(registered), 1).numpy()).max()),
+            "labels": from_bytes["label"].tolist()[:3],
             "accuracy": float((registered.argmax(1) == data.test_y[:50].numpy()).mean()),
         }))
     """))
     proc = run([sys.executable, str(script), str(pipeline_project), str(tmp_path / "dl")], cwd=pipeline_project)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["type"] == "DigitsCNN"
     assert out["registered_vs_local"] < 1e-5
     assert out["onnx_vs_registered"] < 1e-4
-    assert out["same_argmax"]
+    assert out["pyfunc_labels_agree"] and out["pyfunc_arrays_agree"]
+    assert out["pyfunc_probs_vs_softmax"] < 1e-5
+    assert all(label in [str(i) for i in range(10)] for label in out["labels"])
     assert out["accuracy"] > 0.3
 
 
@@ -304,3 +329,18 @@ def test_baseline_comparison_uses_the_same_teacher_and_seed(pipeline_run: dict[s
     report = json.loads(point.output(EVALUATE_REPORT).read_text())
     assert report["test_accuracy"] == comparison["none"] and point.output(STUDENT).is_file()
     assert pipeline_run["tracking_uri"].startswith("sqlite:///")
+
+
+def test_an_unchanged_student_is_not_registered_again(pipeline_run: dict[str, Any], clone_project) -> None:
+    """A nightly run with nothing changed used to register a new version (same ONNX sha256 in v2 and v3)."""
+    from mlflow import MlflowClient
+
+    from tasks.paths import StagePaths
+    from tasks.register import register
+
+    root = clone_project()
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    before = client.search_model_versions("name = 'gkd-student'")
+    again = register(StagePaths(root))
+    assert again["registered"] is False and again["version"] == pipeline_run["registration"]["version"]
+    assert len(client.search_model_versions("name = 'gkd-student'")) == len(before)

@@ -1,48 +1,62 @@
-"""The sweep flow: methods x seeds as parallel Prefect tasks (separate processes), one comparison table."""
+"""The comparison, one command: a preset of sweeps.yaml through the real Prefect flow (points in processes of
+their own), the table, MLflow, and a second run that skips what is done."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
+from _project import run
+
 pytestmark = pytest.mark.integration
 
 
-def test_sweep_writes_a_comparison_table(clone_project, prefect_harness: None) -> None:
+def test_preset_sweep_writes_the_table_and_resumes(clone_project, prefect_harness: None) -> None:
     from mlflow import MlflowClient
     from prefect.task_runners import ProcessPoolTaskRunner
 
-    from flows.sweep import sweep
+    from flows.sweep import build_spec, sweep
 
     root: Path = clone_project()
-    (root / "mlflow.db").unlink()  # a store of the clone's own (the copied one points at the original's artifacts)
-    shutil.rmtree(root / "mlartifacts")
-    result = sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=2))(
-        ["none", "gompertz"], [0, 1], str(root), "test_accuracy", 1)
-    assert sorted((p["method"], p["seed"]) for p in result["points"]) == [
-        ("gompertz", 0), ("gompertz", 1), ("none", 0), ("none", 1)]
-    table = json.loads((root / "reports/sweep/comparison.json").read_text())
-    rows = {r["method"]: r for r in table["methods"]}
-    assert set(rows) == {"none", "gompertz"}
-    for row in rows.values():
-        stat = row["test_accuracy"]
-        assert row["n"] == 2 and len(stat["values"]) == 2 and stat["std"] >= 0
-        assert stat["mean"] == pytest.approx(sum(stat["values"]) / 2)
-        assert stat["mean"] > 0.3
-    md = (root / "reports/sweep/comparison.md").read_text()
-    assert "| gompertz | 2 |" in md and "±" in md
-    assert (root / "reports/sweep/comparison.png").stat().st_size > 1000
-    # the two seeds of one method differ (seeds are honoured), the same seed is not re-used across methods' dirs
-    assert len({p["dir"] for p in result["points"]}) == 4
+    (root / "sweeps.yaml").write_text((Path(__file__).resolve().parents[2] / "sweeps.yaml").read_text())
+    spec = build_spec(root, "digits-smoke", None, None, ["student.train.epochs=2"], None, None)
+    first = sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=2))(spec, str(root), 1)
+    folder = root / "reports/sweep/digits-smoke"
+    table = json.loads((folder / "comparison.json").read_text())
+    rows = {r["arm"]: r for r in table["arms"]}
+    assert set(rows) == {"none", "kd", "gompertz"} and all(r["n"] == 2 for r in rows.values())
+    for r in rows.values():
+        assert r["test_accuracy"]["mean"] > 0.3 and len(r["test_accuracy"]["values"]) == 2
+        assert r["best_val_test_accuracy"]["mean"] > 0.3
+    assert "vs_reference" not in rows["kd"] and rows["gompertz"]["vs_reference"]["test_accuracy"]["n"] == 2
+    assert rows["kd"]["objective"].startswith("CE + constant(a=1) * [1 KD]")
+    md = (folder / "comparison.md").read_text()
+    assert "| `gompertz` | 2 |" in md and "Δ final vs `kd`" in md and "Hardware:" in md
+    assert (folder / "comparison.png").stat().st_size > 1000
+    assert (folder / "params.yaml").is_file() and (folder / "models/teacher.pt").is_file()
+    assert len({p["dir"] for p in first["points"]}) == 6 and not any(p["skipped"] for p in first["points"])
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    parent = client.get_run(result["parent_run_id"])
+    parent = client.get_run(first["parent_run_id"])
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    names = {r.info.run_name for r in children}
-    assert {"none-seed0", "none-seed1", "gompertz-seed0", "gompertz-seed1"} <= names
-    assert {"prepare_data", "train_teacher"} <= names  # upstream through DVC: cached
-    assert all(r.data.tags["cached"] == "true" for r in children if r.info.run_name in ("prepare_data", "train_teacher"))
+    assert {"none-seed0", "kd-seed1", "gompertz-seed0", "prepare_data", "train_teacher"} <= {
+        r.info.run_name for r in children}
+
+    # interrupted or repeated: finished points (and the shared teacher) are skipped, the table is the same
+    again = sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=2))(spec, str(root), 1)
+    assert all(p["skipped"] for p in again["points"])
+    assert json.loads((folder / "comparison.json").read_text())["arms"] == table["arms"]
+
+
+def test_the_readme_form_of_the_sweep_command_runs(clone_project) -> None:
+    """`--methods a b --seeds 0 1` (space-separated) and `-S` overrides, as README.md writes them."""
+    root: Path = clone_project()
+    proc = run([sys.executable, "-m", "flows.sweep", "--methods", "none", "kd", "--seeds", "0", "--workers", "1",
+                "-S", "student.train.epochs=1", "--name", "readme"], root, timeout=900)
+    assert "| `kd` | 1 |" in proc.stdout, proc.stdout[-2000:]
+    table = json.loads((root / "reports/sweep/readme/comparison.json").read_text())
+    assert [r["arm"] for r in table["arms"]] == ["none", "kd"]
