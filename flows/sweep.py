@@ -52,6 +52,9 @@ def sweep(spec: SweepSpec, project_dir: str = ".", threads_per_worker: Optional[
     ``sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))`` for another parallelism."""
     log = get_run_logger()
     root = Path(project_dir).resolve()
+    # the points' stages run in the sweep's folder but log to the project's store (under this parent run);
+    # set before any point process starts, so they inherit it
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))
     params_file = write_sweep_params(root, spec)
     folder = sweep_root(root, spec)
     params = load_params_checked(params_file, check_dataset=False)

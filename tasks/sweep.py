@@ -173,7 +173,7 @@ def sweep_point(arm: str, seed: int, folder: str, parent_run_id: Optional[str] =
     params_file = Path(folder) / PARAMS_FILE
     overrides = {"method.name": arm, "seed": seed}
     fp = _fingerprint(params_file, ("dataset", "teacher", "student", "method", "losses", "runtime"),
-                      {"arm": arm, "seed": seed, "teacher_data": read_json(paths.input(DATA_REPORT)).get("hash")})
+                      {"arm": arm, "seed": seed, "data": read_json(paths.root / DATA_REPORT).get("hash")})
     skipped = _done(paths.output(EVALUATE_REPORT), fp)
     if not skipped:
         distill_student(paths, PARAMS_FILE, overrides, parent_run_id, run_name=name)
