@@ -1,6 +1,8 @@
 """Atomic file writing: every output is written to a temp file in the same directory, then renamed.
 
 A crash or a refused input therefore never leaves a half-written file where a finished one is expected.
+The finished file gets the mode a plain ``open(path, "w")`` would give it (``0o666`` minus the umask, so
+0644 under the usual umask 022): ``mkstemp`` creates its temp file 0600, readable by its owner only.
 """
 
 from __future__ import annotations
@@ -10,8 +12,33 @@ import json
 import pickle
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux: /proc/self/status); else
+    set and restored at once under a lock (``os.umask`` is the only portable way to read it)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a newly created file gets from ``open()``: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager
@@ -20,7 +47,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, default_file_mode())  # mkstemp's 0600 -> what open() would have given (0644 under umask 022)
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path

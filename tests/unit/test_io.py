@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,25 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path: Path) -> None:
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_mode_open_would_give(tmp_path: Path, umask: int) -> None:
+    """mkstemp creates 0600; a finished output gets 0o666 & ~umask like any file (0644 under umask 022)."""
+    from gkd_core.io import atomic_path, current_umask, write_json
+
+    previous = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        write_json(tmp_path / "r.json", {"a": 1})
+        with atomic_write(tmp_path / "t.txt") as fh:
+            fh.write("x")
+        torch_save({"w": torch.zeros(1)}, tmp_path / "m.pt")
+        with atomic_path(tmp_path / "p.bin") as tmp:
+            tmp.write_bytes(b"x")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    for name in ("r.json", "t.txt", "m.pt", "p.bin", "plain.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, (name, oct(umask))
