@@ -9,7 +9,8 @@ default exporter in torch >= 2.9) is tried first; if it raises, the TorchScript 
 (``dynamo=False`` with ``dynamic_axes``) is used. The report says which one produced the file.
 
 The file is written atomically: exported to a temp file in the target directory, checked, then
-``os.replace``-d onto ``path``. ``onnx`` / ``onnxruntime`` are imported lazily so that importing this module
+``os.replace``-d onto ``path``. ``metadata`` (string pairs, e.g. :func:`gkd_core.modelfile.onnx_metadata`) is
+written into the file's ``metadata_props`` before the checks, so the checked file is the file written. ``onnx`` / ``onnxruntime`` are imported lazily so that importing this module
 needs only torch.
 """
 
@@ -22,7 +23,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -152,6 +153,20 @@ def _make_self_contained(dst: Path) -> None:
         side.unlink(missing_ok=True)
 
 
+def _set_metadata(dst: Path, metadata: Mapping[str, str]) -> None:
+    """Write ``metadata`` into ``dst``'s ``metadata_props`` (replacing entries of the same keys)."""
+    import onnx
+
+    proto = onnx.load(str(dst))
+    kept = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    onnx.save_model(proto, str(dst), save_as_external_data=False)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -160,6 +175,7 @@ def export_onnx(
     tolerance: float = 1e-4,
     check_batch_sizes: Sequence[int] = (1, 3),
     strict: bool = False,
+    metadata: Optional[Mapping[str, str]] = None,
 ) -> ExportReport:
     """Export ``model`` to a single ``.onnx`` file at ``path`` and check it against PyTorch.
 
@@ -167,7 +183,8 @@ def export_onnx(
     batch ``(B, C, H, W)``; parity is measured at its own batch size and at each of ``check_batch_sizes``
     (rows reused cyclically), proving the batch axis is dynamic. ``max_abs_diff`` is the largest absolute
     logit difference over all checks. With ``strict=True`` a failed check raises :class:`ExportError` and
-    nothing is written; otherwise the report says ``passed=False``.
+    nothing is written; otherwise the report says ``passed=False``. ``metadata`` goes into the file's
+    ``metadata_props`` (read back with ``onnxruntime``'s ``get_modelmeta().custom_metadata_map``).
     """
     path = Path(path)
     if not isinstance(example_input, Tensor) or example_input.dim() < 2 or example_input.shape[0] < 1:
@@ -183,7 +200,7 @@ def export_onnx(
     with atomic_path(path) as tmp:
         try:
             report = _export_and_check(
-                net, example, trace_input, tmp, path, opset, tolerance, batch_sizes, strict
+                net, example, trace_input, tmp, path, opset, tolerance, batch_sizes, strict, metadata or {}
             )
         finally:
             Path(str(tmp) + ".data").unlink(missing_ok=True)  # never leave an exporter side file behind
@@ -205,6 +222,7 @@ def _export_and_check(
     tolerance: float,
     batch_sizes: list[int],
     strict: bool,
+    metadata: Mapping[str, str],
 ) -> ExportReport:
     """Export ``net`` to ``tmp``, inline external data, run the checker and the parity checks."""
     import onnx
@@ -222,6 +240,8 @@ def _export_and_check(
         exporter = "torchscript"
     logger.info("exported %s to ONNX with the %s exporter (opset %d)", type(net).__name__, exporter, opset)
     _make_self_contained(tmp)
+    if metadata:
+        _set_metadata(tmp, metadata)
     try:
         onnx.checker.check_model(str(tmp), full_check=True)
     except Exception as exc:

@@ -7,13 +7,17 @@ classes, the sha256 of the prepared data it was trained on, free-form ``extra`` 
 :func:`gkd_core.io.safe_torch_load`), validates the metadata (it comes from a file someone else may have
 written) and rebuilds the network; :func:`check_model` compares what the file says with what a run needs and
 refuses a mismatch with one line naming the field, both values and the fix, before any compute.
+
+The same metadata travels inside the exported ONNX file as ``metadata_props`` (:func:`onnx_metadata`, read
+back by :func:`meta_from_onnx_props`), so an ``.onnx`` file alone is enough to feed raw images to the model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,7 +27,8 @@ from gkd_core.io import UnsafeFileError, safe_torch_load, torch_save
 from gkd_core.models import build_model
 from gkd_core.sections import ModelConfig
 
-__all__ = ["MODEL_FORMAT", "ModelFileError", "ModelMeta", "save_model", "read_model", "check_model"]
+__all__ = ["MODEL_FORMAT", "ModelFileError", "ModelMeta", "save_model", "read_model", "check_model",
+           "ONNX_META_PREFIX", "onnx_metadata", "meta_from_onnx_props"]
 
 MODEL_FORMAT = "gkd-model/2"
 _READABLE = ("gkd-model/1", "gkd-model/2")  # /1 lacks data_hash and image_hw (checks that need them are skipped)
@@ -150,6 +155,57 @@ def check_model(meta: ModelMeta, path: str | os.PathLike, role: str, data: Any,
             f"{where} was trained on prepared data {meta.data_hash[:12]}, this run's data is {data_hash[:12]} "
             "(another split, seed or limit: its scores would not be comparable, and it may have seen this run's "
             f"validation or test images): retrain the {role} on this data (dvc repro)")
+
+
+ONNX_META_PREFIX = "gkd."  # keys of the ONNX file's metadata_props written by onnx_metadata()
+
+
+def onnx_metadata(meta: ModelMeta) -> dict[str, str]:
+    """What the ONNX file carries about its model (``metadata_props``: string keys and values): the model
+    (name, width), the input it takes (channels, height, width, the normalisation mean and std), the classes,
+    the data hash. Lists are JSON. ``gkd.input`` says the graph takes normalised float32 NCHW."""
+    h, w = meta.input_hw
+    fields = {
+        "format": meta.format,
+        "model": meta.model.name,
+        "model_width": repr(float(meta.model.width)),
+        "num_classes": str(meta.num_classes),
+        "in_channels": str(meta.in_channels),
+        "image_size": str(meta.image_size),
+        "image_hw": json.dumps([h, w]),
+        "mean": json.dumps([float(v) for v in meta.mean]),
+        "std": json.dumps([float(v) for v in meta.std]),
+        "classes": json.dumps(list(meta.classes)),
+        "data_hash": meta.data_hash or "",
+        "input": "float32 NCHW, (uint8 image / 255 - mean) / std per channel",
+    }
+    return {ONNX_META_PREFIX + k: v for k, v in fields.items()}
+
+
+def meta_from_onnx_props(props: Mapping[str, str], where: str = "ONNX file") -> ModelMeta:
+    """The :class:`ModelMeta` of an ONNX file's ``metadata_props`` (see :func:`onnx_metadata`); raises
+    :class:`ModelFileError` with one line when they are missing or invalid."""
+    got = {k[len(ONNX_META_PREFIX):]: v for k, v in props.items() if k.startswith(ONNX_META_PREFIX)}
+    if "classes" not in got or "model" not in got:
+        raise ModelFileError(f"{where}: no gkd metadata in the ONNX file (classes, input size, normalisation): "
+                             "export it again with this version (dvc repro export_onnx)")
+    try:
+        blob = {
+            "format": got.get("format", MODEL_FORMAT),
+            "model": {"name": got["model"], "width": float(got.get("model_width", 1.0))},
+            "num_classes": int(got["num_classes"]),
+            "in_channels": int(got["in_channels"]),
+            "image_size": int(got["image_size"]),
+            "image_hw": json.loads(got["image_hw"]) if got.get("image_hw") else None,
+            "mean": json.loads(got["mean"]),
+            "std": json.loads(got["std"]),
+            "classes": json.loads(got["classes"]),
+            "data_hash": got.get("data_hash") or None,
+        }
+        return ModelMeta.model_validate(blob)
+    except (KeyError, ValueError, TypeError) as err:
+        detail = err.errors()[0]["msg"] if isinstance(err, ValidationError) else f"{type(err).__name__}: {err}"
+        raise ModelFileError(f"{where}: invalid gkd metadata in the ONNX file ({detail})") from None
 
 
 def _short(classes: list[str], n: int = 4) -> str:

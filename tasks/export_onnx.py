@@ -4,7 +4,9 @@
 
 reports/export.json records ``passed`` (max |logit diff| onnxruntime vs PyTorch <= export.tolerance). A failed
 parity check is recorded, not fatal (``--strict`` makes it fatal): registration carries it as the model
-version's ``onnx_parity`` tag, and promotion refuses such a model.
+version's ``onnx_parity`` tag, and promotion refuses such a model. The ONNX file carries the model's metadata
+(classes, input channels and size, normalisation mean and std, model name) in its ``metadata_props``
+(:func:`gkd_core.modelfile.onnx_metadata`), so ``gkd predict --model models/student.onnx`` needs nothing else.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from gkd_core import export
 from gkd_core.cli_support import UserError, load_params_checked
 from gkd_core.data import PreparedData
 from gkd_core.io import write_json
+from gkd_core.modelfile import onnx_metadata
 from gkd_core.runner import normalise_images
 from tasks import tracking
 from tasks.cli import option, stage_app
@@ -55,13 +58,14 @@ def export_onnx(
     """Export and parity-check the student; returns the report dict (``passed``, ``max_abs_diff``, ...)."""
     params = load_params_checked(paths.root / params_path, overrides, check_dataset=False)
     data = load_prepared_checked(paths.input(PREPARED))
-    student, _ = load_model_checked(paths.input(STUDENT), "student", "distill_student", data, params.student.model,
-                                    "student.model")
+    student, meta = load_model_checked(paths.input(STUDENT), "student", "distill_student", data,
+                                       params.student.model, "student.model")
     onnx_path = paths.output(ONNX)
     with tracking.stage_run(STAGE, paths.root, parent_run_id, params=params) as run:
         try:
             rep = export.export_onnx(student, onnx_path, example_batch(data), opset=params.export.opset,
-                                     tolerance=params.export.tolerance, strict=strict)
+                                     tolerance=params.export.tolerance, strict=strict,
+                                     metadata=onnx_metadata(meta))
         except export.ExportError as err:
             raise UserError(f"ONNX export failed: {err}") from None
         result = {**rep.to_dict(), "path": ONNX, "sha256": file_sha256(onnx_path), "bytes": onnx_path.stat().st_size}

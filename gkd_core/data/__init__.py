@@ -22,6 +22,8 @@ from gkd_core.data.image_folder import (
     ARCHIVE_SUFFIXES,
     IMAGE_EXTENSIONS,
     check_image_folder_source,
+    is_archive,
+    iter_images,
     load_image_folder_raw,
 )
 from gkd_core.data.loaders import DeviceLoader, Loader, TorchLoader, choose_loader, make_loaders
@@ -71,6 +73,8 @@ __all__ = [
     "ARCHIVE_SUFFIXES",
     "IMAGE_EXTENSIONS",
     "check_image_folder_source",
+    "is_archive",
+    "iter_images",
     "load_image_folder_raw",
     # prepared data
     "PREPARED_FORMAT",

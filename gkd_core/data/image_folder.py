@@ -86,6 +86,24 @@ def _iter_directory(path: Path) -> list[tuple[tuple[str, ...], Path]]:
     return items
 
 
+def is_archive(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a tar archive this module reads (:data:`ARCHIVE_SUFFIXES`)."""
+    return _is_archive(Path(path))
+
+
+def iter_images(source: str | os.PathLike) -> Iterator[tuple[tuple[str, ...], Union[bytes, Path]]]:
+    """The images of a folder or a tar archive, under the reading rules of the image_folder dataset (image
+    extensions only, hidden files and folders skipped; a folder in sorted order, an archive in one streaming
+    pass): ``(path parts relative to the source, file path or member bytes)``. Used by ``gkd predict``."""
+    path = Path(source)
+    if path.is_dir():
+        yield from _iter_directory(path)
+    elif _is_archive(path) and path.is_file():
+        yield from _iter_archive(path)
+    else:
+        raise DatasetError(f"{path}: not a folder or a tar archive ({', '.join(ARCHIVE_SUFFIXES)})")
+
+
 def _decode_image(data: Union[bytes, Path], name: str, size: Optional[int]) -> np.ndarray:
     try:
         if isinstance(data, Path):
