@@ -35,7 +35,7 @@ from gkd_core.cli_support import UserError, load_params_checked, run_cli
 from tasks import dvc_ops, tracking
 from tasks.cli import configure_logging
 from tasks.paths import EVALUATE_REPORT, PARAMS_FILE, TEACHER_REPORT, StagePaths
-from tasks.reports import read_json
+from tasks.reports import read_report
 from tasks.stages import STAGE_NAMES
 
 logger = logging.getLogger(__name__)
@@ -123,8 +123,8 @@ def pipeline(
             else:
                 results.append(stage_task.with_options(**stage_options(stage))(root, stage, parent))
             log.info("%s: %s", stage, {True: "ran", False: "up to date", None: "done on the gpu pool"}[results[-1]["ran"]])
-        evaluation = read_json(paths.output(EVALUATE_REPORT))
-        comparison["teacher"] = read_json(paths.output(TEACHER_REPORT)).get("test_accuracy")
+        evaluation = read_report(paths.output(EVALUATE_REPORT))
+        comparison["teacher"] = read_report(paths.output(TEACHER_REPORT)).get("test_accuracy")
         tracking.set_run_tags(root, parent, {**tracking.base_tags(root),
                                              "stages_ran": ",".join(r["stage"] for r in results if r["ran"]) or "none"})
         summary = {k: v for k, v in tracking.flatten_numeric(evaluation).items() if not k.startswith("per_class")}

@@ -1,7 +1,8 @@
 """Stage distill_student: train the student under the configured method with the frozen teacher.
 
     python -m tasks.distill_student --params params.yaml
-    # -> models/student.pt, reports/student.json, reports/plots/student_history.csv, student_curves.png,
+    # -> models/student.pt, reports/student.json (+ reports/info/student.json),
+    #    reports/plots/student_history.csv, student_curves.png,
     #    reports/plots/schedule.csv, schedule.png (the distillation weight w(p) the student trained under)
 
 The per-epoch history includes the distillation weight (column ``weight``), so `dvc plots` and MLflow show
@@ -16,7 +17,6 @@ from typing import Any, Mapping, Optional
 
 from gkd_core import runner
 from gkd_core.cli_support import load_params_checked
-from gkd_core.io import write_json
 from gkd_core.plots import plot_schedules
 from gkd_core.methods import method_spec
 from gkd_core.schedules import schedule_curve
@@ -27,7 +27,7 @@ from tasks.paths import (
     PARAMS_FILE, PREPARED, SCHEDULE_CSV, SCHEDULE_PNG, STUDENT, STUDENT_CURVES, STUDENT_HISTORY, STUDENT_REPORT,
     TEACHER, StagePaths,
 )
-from tasks.reports import test_metrics, write_schedule_csv
+from tasks.reports import test_metrics, write_report, write_schedule_csv
 from tasks.stages import STAGES
 from tasks.training import write_trained_model
 
@@ -73,7 +73,7 @@ def distill_student(
                             f"student {params.student.model.name} [{params.method.name}]")
         write_schedule_csv(schedule_curve(schedule, SCHEDULE_POINTS), paths.output(SCHEDULE_CSV))
         plot_schedules([schedule], paths.output(SCHEDULE_PNG), title=f"distillation weight: {params.method.name}")
-        write_json(paths.output(STUDENT_REPORT), metrics)
+        write_report(paths.output(STUDENT_REPORT), metrics)
         tracking.log_stage_files(run, STAGES[STAGE], paths)
     ckpt.unlink(missing_ok=True)
     logger.info("student %s [%s]: val %.4f, test %.4f -> %s", params.student.model.name, params.method.name,

@@ -2,11 +2,13 @@
 per-class accuracy, teacher agreement, confusion matrix.
 
     python -m tasks.evaluate --params params.yaml
-    # -> reports/evaluate.json, reports/plots/confusion.csv (dvc plots), reports/plots/confusion.png
+    # -> reports/evaluate.json, reports/info/evaluate.json, reports/plots/confusion.csv (dvc plots),
+    #    reports/plots/confusion.png
 
-reports/evaluate.json is flat for ``dvc metrics show``: ``test_accuracy`` etc. are the student's,
-``teacher_test_accuracy`` the teacher's; ``promote.metric`` names one of these keys. The teacher is optional:
-without its file there is no agreement and no teacher accuracy.
+reports/evaluate.json is flat and numeric for ``dvc metrics show``: ``test_accuracy`` etc. are the student's,
+``teacher_test_accuracy`` the teacher's; ``promote.metric`` names one of these keys. Its companion
+reports/info/evaluate.json holds the split, the method, the counts and the per-class accuracy. The teacher is
+optional: without its file there is no agreement and no teacher accuracy.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from gkd_core.cli_support import load_params_checked
-from gkd_core.io import write_json
 from gkd_core.plots import plot_confusion_matrix
 from gkd_core.runner import evaluate_model
 from tasks import tracking
 from tasks.cli import stage_app
 from tasks.inputs import load_model_checked, load_prepared_checked
 from tasks.paths import CONFUSION_CSV, CONFUSION_PNG, EVALUATE_REPORT, PARAMS_FILE, PREPARED, STUDENT, TEACHER, StagePaths
-from tasks.reports import test_metrics, write_confusion_csv
+from tasks.reports import test_metrics, write_confusion_csv, write_report
 from tasks.stages import STAGES
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def evaluate(
         write_confusion_csv(ev["confusion_matrix"], data.classes, paths.output(CONFUSION_CSV))
         plot_confusion_matrix(ev["confusion_matrix"], data.classes, paths.output(CONFUSION_PNG),
                               title=f"student [{metrics['method']}], test split")
-        write_json(paths.output(EVALUATE_REPORT), metrics)
+        write_report(paths.output(EVALUATE_REPORT), metrics)
         tracking.log_stage_files(run, STAGES[STAGE], paths)
     logger.info("student test accuracy %.4f (teacher %s)", metrics["test_accuracy"],
                 f"{metrics['teacher_test_accuracy']:.4f}" if "teacher_test_accuracy" in metrics else "n/a")

@@ -1,8 +1,11 @@
 """Stage export_onnx: export the student to one self-contained ONNX file and check parity with onnxruntime.
 
-    python -m tasks.export_onnx --params params.yaml        # -> models/student.onnx, reports/export.json
+    python -m tasks.export_onnx --params params.yaml
+    # -> models/student.onnx, reports/export.json, reports/info/export.json
 
-reports/export.json records ``passed`` (max |logit diff| onnxruntime vs PyTorch <= export.tolerance). A failed
+reports/export.json records ``passed`` (max |logit diff| onnxruntime vs PyTorch <= export.tolerance),
+``max_abs_diff`` and, readable where ``dvc metrics show`` rounds to 5 decimals, ``max_abs_diff_e6`` (the same
+difference in millionths); reports/info/export.json the exporter, opset, file path, sha256 and size. A failed
 parity check is recorded, not fatal (``--strict`` makes it fatal): registration carries it as the model
 version's ``onnx_parity`` tag, and promotion refuses such a model. The ONNX file carries the model's metadata
 (classes, input channels and size, normalisation mean and std, model name) in its ``metadata_props``
@@ -21,13 +24,13 @@ import torch
 from gkd_core import export
 from gkd_core.cli_support import UserError, load_params_checked
 from gkd_core.data import PreparedData
-from gkd_core.io import write_json
 from gkd_core.modelfile import onnx_metadata
 from gkd_core.runner import normalise_images
 from tasks import tracking
 from tasks.cli import option, stage_app
 from tasks.inputs import load_model_checked, load_prepared_checked
 from tasks.paths import EXPORT_REPORT, ONNX, PARAMS_FILE, PREPARED, STUDENT, StagePaths
+from tasks.reports import write_report
 from tasks.stages import STAGES
 
 logger = logging.getLogger(__name__)
@@ -68,8 +71,9 @@ def export_onnx(
                                      metadata=onnx_metadata(meta))
         except export.ExportError as err:
             raise UserError(f"ONNX export failed: {err}") from None
-        result = {**rep.to_dict(), "path": ONNX, "sha256": file_sha256(onnx_path), "bytes": onnx_path.stat().st_size}
-        write_json(paths.output(EXPORT_REPORT), result)
+        result = {**rep.to_dict(), "path": ONNX, "sha256": file_sha256(onnx_path), "bytes": onnx_path.stat().st_size,
+                  "max_abs_diff_e6": round(rep.max_abs_diff * 1e6, 3), "tolerance_e6": round(rep.tolerance * 1e6, 3)}
+        write_report(paths.output(EXPORT_REPORT), result)
         run.set_tags({"onnx_parity": "passed" if rep.passed else "failed"})
         tracking.log_stage_files(run, STAGES[STAGE], paths)
     log = logger.info if rep.passed else logger.warning

@@ -42,7 +42,7 @@ from tasks.export_onnx import example_batch
 from tasks.inputs import load_model_checked, load_prepared_checked, require_file
 from tasks.paths import EVALUATE_REPORT, EXPORT_REPORT, ONNX, PARAMS_FILE, PREPARED, STUDENT, STUDENT_REPORT, StagePaths
 from tasks.registry import MODEL_FILE_ARTIFACT, SERVING_CODE
-from tasks.reports import read_json
+from tasks.reports import read_report
 
 logger = logging.getLogger(__name__)
 STAGE = "register"
@@ -108,9 +108,9 @@ def register(
                              (EVALUATE_REPORT, "evaluation report", "evaluate"),
                              (EXPORT_REPORT, "export report", "export_onnx")):
         require_file(paths.input(rel), what, stage)
-    evaluation = read_json(paths.input(EVALUATE_REPORT))
-    export = read_json(paths.input(EXPORT_REPORT))
-    training = read_json(paths.input(STUDENT_REPORT)) if paths.input(STUDENT_REPORT).is_file() else {}
+    evaluation = read_report(paths.input(EVALUATE_REPORT))
+    export = read_report(paths.input(EXPORT_REPORT))
+    training = read_report(paths.input(STUDENT_REPORT)) if paths.input(STUDENT_REPORT).is_file() else {}
     data = load_prepared_checked(paths.input(PREPARED))
     student, meta = load_model_checked(paths.input(STUDENT), "student", "distill_student", data,
                                        params.student.model, "student.model")

@@ -1,6 +1,18 @@
-"""The stages' report files other than JSON writing (gkd_core.io.write_json): per-epoch history CSVs, the
-row CSVs ``dvc plots`` reads (schedule curve, confusion rows), reading JSON reports back, and the test-split
-figures every stage report carries. Every file is written atomically."""
+"""The stages' report files: the metrics JSON and its companion, per-epoch history CSVs, the row CSVs
+``dvc plots`` reads (schedule curve, confusion rows), reading reports back, and the test-split figures every
+stage report carries. Every file is written atomically.
+
+A stage's report is split in two files (:func:`write_report`), so that ``dvc metrics show`` / ``diff`` and
+``dvc exp show`` list only numbers worth comparing:
+
+* ``reports/<stage>.json``, the DVC ``metrics`` file: the stage's numbers (accuracies, losses, parity, time);
+* ``reports/info/<stage>.json``, a plain DVC output: everything else, text facts (method, objective, model,
+  device, exporter, paths, hashes, the schedule's parameters) and the numeric details that would only widen
+  the table (per-class accuracy, per-batch-size ONNX differences, counts and sizes).
+
+:func:`read_report` reads both back as one dict (what the stages wrote before the split), which is what every
+reader of a stage report uses (tasks/register.py, tasks/sweep.py, flows/pipeline.py).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +21,10 @@ import io
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
-from gkd_core.io import atomic_write
+from gkd_core.io import atomic_write, write_json
 
 # Column order of a history CSV; further metrics follow in first-seen order.
 FIRST_COLUMNS = ("epoch", "lr", "weight", "train_total", "train_ce", "train_kd", "train_wasserstein",
@@ -26,6 +39,48 @@ def test_metrics(ev: Mapping[str, Any]) -> dict[str, Any]:
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     with open(path) as fh:
         return json.load(fh)
+
+
+INFO_DIR = "info"  # companion files: reports/info/<name>.json next to reports/<name>.json
+# Numbers that stay out of the metrics file: details and bookkeeping (they widen `dvc metrics show` without
+# being what experiments are compared on); they go to the companion with the text facts.
+DETAILS = frozenset({
+    "per_class_accuracy", "diffs", "batch_sizes", "input_shape", "opset", "bytes", "n", "num_classes", "epochs",
+    "parameters", "images_per_second", "best_val_epoch", "resumed_from_epoch", "schedule",
+})
+
+
+def info_path(metrics_path: str | os.PathLike) -> Path:
+    """The companion of a metrics file: ``reports/x.json`` -> ``reports/info/x.json``."""
+    path = Path(metrics_path)
+    return path.parent / INFO_DIR / path.name
+
+
+def is_metric(key: str, value: Any, details: Collection[str] = DETAILS) -> bool:
+    """A finite-or-NaN number (or a bool) that is not one of the ``details``."""
+    return key not in details and isinstance(value, (bool, int, float))
+
+
+def split_report(report: Mapping[str, Any], details: Collection[str] = DETAILS
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metrics, info)``: the top-level numbers (not ``details``) and everything else (text, nested, None)."""
+    metrics = {k: v for k, v in report.items() if is_metric(k, v, details)}
+    return metrics, {k: v for k, v in report.items() if k not in metrics}
+
+
+def write_report(path: str | os.PathLike, report: Mapping[str, Any], details: Collection[str] = DETAILS) -> None:
+    """Write ``report`` as the metrics file ``path`` (numbers only) and its companion :func:`info_path`."""
+    metrics, info = split_report(report, details)
+    write_json(info_path(path), info)
+    write_json(path, metrics)
+
+
+def read_report(path: str | os.PathLike) -> dict[str, Any]:
+    """A stage report as one dict: the metrics file ``path`` and its companion (when there is one; the
+    metrics win where both have a key)."""
+    companion = info_path(path)
+    info = read_json(companion) if companion.is_file() else {}
+    return {**info, **read_json(path)}
 
 
 def history_columns(history: Sequence[Mapping[str, Any]]) -> list[str]:

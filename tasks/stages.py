@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tasks.paths import (
-    CONFUSION_CSV, CONFUSION_PNG, DATA_REPORT, EVALUATE_REPORT, EXPORT_REPORT, ONNX, PREPARED, SCHEDULE_CSV,
-    SCHEDULE_PNG, STUDENT, STUDENT_CURVES, STUDENT_HISTORY, STUDENT_REPORT, TEACHER, TEACHER_CURVES,
-    TEACHER_HISTORY, TEACHER_REPORT,
+    CONFUSION_CSV, CONFUSION_PNG, DATA_REPORT, EVALUATE_INFO, EVALUATE_REPORT, EXPORT_INFO, EXPORT_REPORT, ONNX,
+    PREPARED, SCHEDULE_CSV, SCHEDULE_PNG, STUDENT, STUDENT_CURVES, STUDENT_HISTORY, STUDENT_INFO, STUDENT_REPORT,
+    TEACHER, TEACHER_CURVES, TEACHER_HISTORY, TEACHER_INFO, TEACHER_REPORT,
 )
 
 # Order matters: it is the dependency order of dvc.yaml.
@@ -20,7 +20,8 @@ STAGE_NAMES = ("prepare_data", "train_teacher", "distill_student", "evaluate", "
 class StageSpec:
     """What one stage writes (all DVC-cached outputs).
 
-    ``metrics`` are JSON reports (logged to MLflow as metrics and artifacts), ``history`` per-epoch CSVs
+    ``metrics`` are JSON reports (logged to MLflow as metrics and artifacts: the DVC metrics file and its
+    companion, tasks.reports.write_report; dvc.yaml lists only the first under ``metrics``), ``history`` per-epoch CSVs
     (logged as stepped metrics when a cached stage is replayed), ``artifacts`` further files to log.
     """
 
@@ -39,13 +40,13 @@ class StageSpec:
 STAGES: dict[str, StageSpec] = {
     "prepare_data": StageSpec("prepare_data", models=(PREPARED,), metrics=(DATA_REPORT,)),
     "train_teacher": StageSpec(
-        "train_teacher", models=(TEACHER,), metrics=(TEACHER_REPORT,), history=(TEACHER_HISTORY,),
+        "train_teacher", models=(TEACHER,), metrics=(TEACHER_REPORT, TEACHER_INFO), history=(TEACHER_HISTORY,),
         artifacts=(TEACHER_CURVES,),
     ),
     "distill_student": StageSpec(
-        "distill_student", models=(STUDENT,), metrics=(STUDENT_REPORT,), history=(STUDENT_HISTORY,),
+        "distill_student", models=(STUDENT,), metrics=(STUDENT_REPORT, STUDENT_INFO), history=(STUDENT_HISTORY,),
         artifacts=(STUDENT_CURVES, SCHEDULE_CSV, SCHEDULE_PNG),
     ),
-    "evaluate": StageSpec("evaluate", metrics=(EVALUATE_REPORT,), artifacts=(CONFUSION_CSV, CONFUSION_PNG)),
-    "export_onnx": StageSpec("export_onnx", models=(ONNX,), metrics=(EXPORT_REPORT,), log_models=(ONNX,)),
+    "evaluate": StageSpec("evaluate", metrics=(EVALUATE_REPORT, EVALUATE_INFO), artifacts=(CONFUSION_CSV, CONFUSION_PNG)),
+    "export_onnx": StageSpec("export_onnx", models=(ONNX,), metrics=(EXPORT_REPORT, EXPORT_INFO), log_models=(ONNX,)),
 }

@@ -38,7 +38,7 @@ from tasks.distill_student import distill_student
 from tasks.evaluate import evaluate
 from tasks.paths import DATA_REPORT, EVALUATE_REPORT, PARAMS_FILE, STUDENT_REPORT, TEACHER_REPORT, StagePaths
 from tasks.prepare_data import prepare_data
-from tasks.reports import read_json
+from tasks.reports import read_json, read_report
 from tasks.train_teacher import train_teacher
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def shared_stages(root: Path, spec: SweepSpec, parent_run_id: Optional[str] = No
     if not done["train_teacher"]:
         train_teacher(paths, parent_run_id=parent_run_id)
         _stamp(paths.output(TEACHER_REPORT), teacher_fp)
-    return {"ran": [k for k, v in done.items() if not v], "teacher": read_json(paths.output(TEACHER_REPORT))}
+    return {"ran": [k for k, v in done.items() if not v], "teacher": read_report(paths.output(TEACHER_REPORT))}
 
 
 def point_name(arm: str, seed: int) -> str:
@@ -179,7 +179,7 @@ def sweep_point(arm: str, seed: int, folder: str, parent_run_id: Optional[str] =
         distill_student(paths, PARAMS_FILE, overrides, parent_run_id, run_name=name)
         evaluate(paths, PARAMS_FILE, overrides, parent_run_id, run_name=f"{name}-evaluate")
         _stamp(paths.output(EVALUATE_REPORT), fp)
-    train, ev = read_json(paths.output(STUDENT_REPORT)), read_json(paths.output(EVALUATE_REPORT))
+    train, ev = read_report(paths.output(STUDENT_REPORT)), read_report(paths.output(EVALUATE_REPORT))
     return {
         "arm": arm, "seed": seed, "dir": str(paths.out_dir), "skipped": skipped,
         "objective": train.get("objective"),

@@ -6,7 +6,8 @@
   ``GKD_MLFLOW_PARENT_RUN_ID`` environment variable. A stage that sees it opens a nested run, logs every
   per-epoch metric live (the training callback), then its reports and plots. A stage that DVC skipped as up
   to date gets a nested run replayed from its output files, tagged ``cached=true``.
-* Without a parent id, stages log nothing: plain ``dvc repro`` needs no MLflow.
+* Without a parent id, stages log nothing: plain ``dvc repro`` and ``dvc exp run`` need no MLflow, and a stage
+  run so says in its last line (:data:`NOT_LOGGED`), so nobody looks for it in the MLflow UI.
 
 Runs are driven through ``MlflowClient`` with explicit run ids (no fluent "active run"), so this works the
 same from Prefect task threads and from stage subprocesses. mlflow is imported on first use only (see
@@ -38,6 +39,8 @@ from tasks.stages import STAGES, StageSpec
 logger = logging.getLogger(__name__)
 
 PARENT_ENV = "GKD_MLFLOW_PARENT_RUN_ID"
+NOT_LOGGED = ("%s: not logged to MLflow (no parent run: `dvc repro` and `dvc exp run` record results in DVC only, "
+              "`dvc exp show`; `python -m flows.pipeline` runs the same stages and logs each to MLflow)")
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 _BATCH = 100  # MLflow's log_batch limit for params and tags (metrics: 1000)
@@ -323,6 +326,7 @@ def stage_run(stage: str, root: str | os.PathLike = ".", parent_run_id: Optional
     parent_run_id = parent_from_env(parent_run_id)
     if not parent_run_id:
         yield StageRun(None, None, root)
+        logger.info(NOT_LOGGED, stage)
         return
     client = get_client(root)
     experiment_id = client.get_run(parent_run_id).info.experiment_id

@@ -1,7 +1,8 @@
 """Stage train_teacher: train the teacher with cross-entropy on the prepared data.
 
     python -m tasks.train_teacher --params params.yaml
-    # -> models/teacher.pt, reports/teacher.json, reports/plots/teacher_history.csv, teacher_curves.png
+    # -> models/teacher.pt, reports/teacher.json (+ reports/info/teacher.json), reports/plots/teacher_history.csv,
+    #    teacher_curves.png
 
 An interrupted run resumes from its full-state checkpoint under checkpoints/ (removed on success).
 """
@@ -14,12 +15,11 @@ from typing import Any, Mapping, Optional
 
 from gkd_core import runner
 from gkd_core.cli_support import load_params_checked
-from gkd_core.io import write_json
 from tasks import tracking
 from tasks.cli import stage_app
 from tasks.inputs import load_prepared_checked
 from tasks.paths import PARAMS_FILE, PREPARED, TEACHER, TEACHER_CURVES, TEACHER_HISTORY, TEACHER_REPORT, StagePaths
-from tasks.reports import test_metrics
+from tasks.reports import test_metrics, write_report
 from tasks.stages import STAGES
 from tasks.training import write_trained_model
 
@@ -44,7 +44,7 @@ def train_teacher(
         write_trained_model(result, params.teacher.model, data, metrics, paths.output(TEACHER),
                             paths.output(TEACHER_HISTORY), paths.output(TEACHER_CURVES),
                             f"teacher {params.teacher.model.name}")
-        write_json(paths.output(TEACHER_REPORT), metrics)
+        write_report(paths.output(TEACHER_REPORT), metrics)
         tracking.log_stage_files(run, STAGES[STAGE], paths)
     ckpt.unlink(missing_ok=True)
     logger.info("teacher %s: val %.4f, test %.4f -> %s", params.teacher.model.name,

@@ -107,10 +107,15 @@ def make_project(dest: Path, changes: dict[str, Any] | None = None, init_git: bo
 
 
 def dvc_init(root: Path) -> None:
-    """`dvc init` + `core.check_update false` + `core.analytics false`, in-process (no CLI start-up)."""
+    """`dvc init` + `core.check_update false` + `core.analytics false`, in-process (no CLI start-up), and the
+    repository's offline plots page (.dvc/plots_template.html, `plots.html_template` in .dvc/config)."""
     from dvc.repo import Repo
 
+    template = REPO / ".dvc" / "plots_template.html"
     with Repo.init(str(root)) as repo:
         with repo.config.edit() as conf:
             conf["core"]["check_update"] = False
             conf["core"]["analytics"] = False
+            if template.is_file():
+                shutil.copy2(template, root / ".dvc" / template.name)
+                conf["plots"]["html_template"] = template.name

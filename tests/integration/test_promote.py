@@ -26,23 +26,25 @@ def registry(clone_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pre
 
 
 def _register(root: Path, tmp: Path, accuracy: Optional[float], parity: bool = True) -> str:
-    """Register the pipeline's student with report files of its own (under ``tmp``, with copies of the rest)."""
-    from tasks.paths import EVALUATE_REPORT, EXPORT_REPORT, ONNX, STUDENT, STUDENT_REPORT, StagePaths
+    """Register the pipeline's student with report files of its own (under ``tmp``, with copies of the rest).
+    A report is its metrics file and its companion (tasks.reports.write_report / read_report)."""
+    from tasks.paths import EVALUATE_REPORT, EXPORT_REPORT, ONNX, STUDENT, STUDENT_INFO, STUDENT_REPORT, StagePaths
     from tasks.register import register
+    from tasks.reports import read_report, write_report
 
-    evaluation = json.loads((root / "reports/evaluate.json").read_text())
+    evaluation = read_report(root / "reports/evaluate.json")
     if accuracy is None:
         evaluation.pop("test_accuracy")
     else:
         evaluation["test_accuracy"] = accuracy
-    export = json.loads((root / "reports/export.json").read_text())
+    export = read_report(root / "reports/export.json")
     export["passed"] = parity
     paths = StagePaths(root, tmp / f"{accuracy}-{parity}-{len(list(tmp.iterdir()))}")
-    for rel in (STUDENT, ONNX, STUDENT_REPORT):  # copies: MLflow refuses to log a symlink's target
+    for rel in (STUDENT, ONNX, STUDENT_REPORT, STUDENT_INFO):  # copies: MLflow refuses to log a symlink's target
         paths.output(rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, paths.output(rel))
-    paths.output(EVALUATE_REPORT).write_text(json.dumps(evaluation))
-    paths.output(EXPORT_REPORT).write_text(json.dumps(export))
+    write_report(paths.output(EVALUATE_REPORT), evaluation)
+    write_report(paths.output(EXPORT_REPORT), export)
     return register(paths)["version"]
 
 
