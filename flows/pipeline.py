@@ -34,7 +34,7 @@ from flows.prefect_tasks import GPU_STAGES, promote_task, register_task, stage_o
 from gkd_core.cli_support import UserError, load_params_checked, run_cli
 from tasks import dvc_ops, tracking
 from tasks.cli import configure_logging
-from tasks.paths import EVALUATE_REPORT, PARAMS_FILE, TEACHER_REPORT, StagePaths
+from tasks.paths import EVALUATE_REPORT, ONNX, PARAMS_FILE, TEACHER_REPORT, StagePaths
 from tasks.reports import read_report
 from tasks.stages import STAGE_NAMES
 
@@ -106,6 +106,9 @@ def pipeline(
     params = validate_inputs(root)
     baselines = [m for m in (baselines or []) if m != params.method.name]
     check_baselines(root, baselines)
+    if baselines:
+        log.info("after the %d stages and registration: %d baseline(s) for comparison: %s", len(STAGES),
+                 len(baselines), ", ".join(baselines))
     if gpu_dispatch == "deployment" and not dvc_ops.has_remote(root):
         raise UserError(
             "gpu_dispatch='deployment' hands data to the GPU workers through a DVC remote, and none is set: "
@@ -117,7 +120,8 @@ def pipeline(
     registration = decision = None
     comparison: dict[str, Any] = {"teacher": None}
     try:
-        for stage in STAGES:
+        for number, stage in enumerate(STAGES, 1):
+            log.info("stage %d/%d: %s ...", number, len(STAGES), stage)
             if stage in GPU_STAGES and gpu_dispatch == "deployment":
                 results.append(_dispatch_to_gpu_pool(root, stage, parent))
             else:
@@ -136,8 +140,9 @@ def pipeline(
             registration = register_task(paths, parent_run_id=parent)
         if promote:
             decision = promote_task(paths)
-        for method in baselines:  # same teacher, same seed, only the method differs
-            log.info("baseline %s: the same teacher, data and seed, only the method differs", method)
+        for number, method in enumerate(baselines, 1):  # same teacher, same seed, only the method differs
+            log.info("baseline %d/%d: %s (the same teacher, data and seed, only the method differs)", number,
+                     len(baselines), method)
             point = sweep_point_task.with_options(tags=["gpu"])(method, params.seed, root, parent,
                                                                 points_dir=BASELINES_DIR)
             comparison[method] = point["test_accuracy"]
@@ -154,6 +159,7 @@ def pipeline(
         "metrics": summary,
         "comparison": comparison,
         "tracking_uri": tracking.tracking_uri(root),
+        "project_dir": root,
     }
 
 
@@ -198,10 +204,29 @@ def _print_summary(result: dict[str, Any]) -> None:
     uri = result.get("tracking_uri", "")
     if reg:
         console.print(f"registered: models:/{reg['name']}@{reg['alias']} (version {reg['version']}) in {uri}", soft_wrap=True)
+    for line in next_steps(result):
+        console.print(line, soft_wrap=True, highlight=False)
+
+
+def next_steps(result: dict[str, Any]) -> list[str]:
+    """The closing block of ``python -m flows.pipeline``: where the outputs are and what to run next."""
+    root = Path(result.get("project_dir") or ".")
+    uri = result.get("tracking_uri", "")
     ui_uri = uri if uri.startswith("sqlite:") else "<your MLFLOW_TRACKING_URI>"
-    console.print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {ui_uri}   -> http://127.0.0.1:5000", soft_wrap=True)
-    console.print("Prefect UI: .venv/bin/prefect server start   -> http://127.0.0.1:4200 "
-                  "(run with PREFECT_API_URL=http://127.0.0.1:4200/api to keep flow runs there)", soft_wrap=True)
+    reg = result.get("registration")
+    model = f"models:/{reg['name']}@{reg['alias'] or 'challenger'}" if reg else "models/student.pt"
+    return [
+        "next steps:",
+        f"  reports      {root / 'reports'}/ (evaluate.json, info/, plots/)   ONNX model: {root / ONNX}",
+        "  plots        dvc plots show   -> dvc_plots/index.html (learning curves, w(p), confusion matrix)",
+        "  promote      python -m flows.promote   (challenger -> champion when it is better)",
+        f"  MLflow UI    .venv/bin/mlflow ui --backend-store-uri {ui_uri}   -> http://127.0.0.1:5000",
+        "  Prefect UI   .venv/bin/prefect server start   -> http://127.0.0.1:4200 "
+        "(run with PREFECT_API_URL=http://127.0.0.1:4200/api to keep flow runs there)",
+        f"  predict      gkd predict --model {model} <images, folders, .tar.gz>   "
+        f"(or --model {ONNX}, --split test)",
+        "  commit       git add dvc.lock params.yaml && git commit -m '...'   (then `dvc metrics diff`, `dvc push`)",
+    ]
 
 
 def main(

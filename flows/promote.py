@@ -2,14 +2,18 @@
 
     python -m flows.promote                     # rule from params.yaml's promote section
 
-The rule and how decisions are recorded: tasks/promote.py.
+The rule and how decisions are recorded: tasks/promote.py. The deployment (``gkd-promote/daily``) runs the
+flow. On the command line a flow run is only worth it where a Prefect server keeps it: with no server
+configured (``PREFECT_API_URL`` unset, in the environment and the Prefect profile) ``python -m flows.promote``
+calls tasks.promote directly, the same decision and records, without starting a temporary Prefect server
+(seconds instead of the server's start-up); ``--flow`` forces the flow run.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 from prefect import flow, get_run_logger
@@ -17,6 +21,7 @@ from prefect import flow, get_run_logger
 from flows import cli as flow_cli
 from flows.prefect_tasks import promote_task
 from gkd_core.cli_support import load_params_checked, run_cli
+from tasks import promote as promote_rule
 from tasks.cli import configure_logging
 from tasks.paths import PARAMS_FILE, StagePaths
 from tasks.promote import REFUSED_EXIT_CODE
@@ -34,13 +39,30 @@ def promote(project_dir: str = ".") -> dict[str, Any]:
     return record
 
 
-def main(project_dir: Path = Path("."), fail_on_refuse: bool = False) -> None:
-    """Run the promotion flow; exit code 2 on bad params, 3 on a refusal when --fail-on-refuse."""
+def prefect_server_configured() -> bool:
+    """Whether a Prefect API is configured (``PREFECT_API_URL`` in the environment or the active profile):
+    then a flow run is kept there; without one, Prefect would start a temporary server just for it."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+def main(project_dir: Path = Path("."), fail_on_refuse: bool = False,
+         flow: Optional[bool] = typer.Option(None, "--flow/--no-flow", show_default=False,
+                                             help="run as a Prefect flow (default: only when PREFECT_API_URL is set)")
+         ) -> None:
+    """Run the promotion rule; exit code 2 on bad params, 3 on a refusal when --fail-on-refuse."""
     flow_cli.install()
     configure_logging()
-    run_cli(lambda: load_params_checked(project_dir.resolve() / PARAMS_FILE, check_dataset=False),
-            report=logger.error)
-    record = flow_cli.run_flow(lambda: promote(str(project_dir)), "promote")
+    root = project_dir.resolve()
+    run_cli(lambda: load_params_checked(root / PARAMS_FILE, check_dataset=False), report=logger.error)
+    as_flow = prefect_server_configured() if flow is None else flow
+    if as_flow:
+        record = flow_cli.run_flow(lambda: promote(str(project_dir)), "promote")
+    else:
+        logger.info("no Prefect server configured (PREFECT_API_URL unset): promotion runs directly, no flow run "
+                    "(--flow starts one on a temporary server)")
+        record = flow_cli.run_flow(lambda: promote_rule.promote(StagePaths(root)), "promote")
     logger.info("decision: %s (champion now: version %s)", record["decision"], record["champion_after"])
     if fail_on_refuse and record["decision"] == "refused":
         raise typer.Exit(REFUSED_EXIT_CODE)

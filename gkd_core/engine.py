@@ -33,10 +33,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequenc
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from gkd_core.checkpoints import Checkpointing, load_checkpoint, restore_checkpoint, save_checkpoint
 from gkd_core.guard import NonFiniteGuard, NonFiniteLossError
+from gkd_core.progress import TrainingProgress
 from gkd_core.sections import TrainConfig
 
 __all__ = [
@@ -62,6 +62,7 @@ class Trainable(Protocol):
     - ``training_state()`` / ``load_training_state(state)``: what a checkpoint holds of it (not frozen parts).
     - ``end_epoch(progress, row)``: told each finished epoch's row (validation included) at its progress, before
       the checkpoint is written (an adaptive schedule learns from it).
+    - optional ``shown_metric_names``: the history columns the epoch log line shows (default: all).
     """
 
     student: nn.Module
@@ -89,7 +90,7 @@ class FitOptions:
     channels_last: bool = False
     compile: bool = False
     progress: str = "step"  # granularity of the training progress p: step | epoch
-    progress_bar: bool = True
+    progress_bar: bool | str = "auto"  # rich bar (gkd_core.progress): True | False | "auto" (stderr is a terminal)
     desc: str = "train"
     callbacks: Sequence[Callback] = ()
     checkpoint: Optional[Checkpointing] = None
@@ -256,8 +257,8 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
         trainable.compile_networks()
 
     loss_column = dict(trainable.metric_names)["total"]
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=opt.desc, disable=not opt.progress_bar,
-               unit="step", leave=False, dynamic_ncols=True)
+    bar = TrainingProgress(opt.desc, cfg.epochs, steps_per_epoch, start_epoch, opt.progress_bar)
+    hidden = _hidden_columns(trainable)
     n_images, t_train = 0, 0.0
     last_epoch = cfg.epochs if opt.stop_after_epochs is None else min(cfg.epochs, start_epoch + opt.stop_after_epochs)
     try:
@@ -277,8 +278,8 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
             n_images += seen
             t_train += seconds
             history.append(row)
-            logger.info("%s epoch %d/%d %s", opt.desc, epoch + 1, cfg.epochs, _fmt(row))
-            bar.set_postfix(loss=f"{row[loss_column]:.3f}", val=f"{row.get('val_accuracy', float('nan')):.3f}")
+            logger.info("%s epoch %d/%d %s", opt.desc, epoch + 1, cfg.epochs, _fmt(row, hidden))
+            bar.end_epoch(epoch + 1, row[loss_column], row.get("val_accuracy"))
             for cb in opt.callbacks:
                 for name, value in row.items():
                     if name != "epoch":
@@ -366,5 +367,13 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 _NOT_LOGGED = ("epoch", "seconds", "images_per_second")
 
 
-def _fmt(row: Mapping[str, float]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in _NOT_LOGGED)
+def _hidden_columns(trainable: Any) -> frozenset[str]:
+    """History columns left out of the epoch log line: those of ``metric_names`` that the trainable's
+    ``shown_metric_names`` (optional) does not list, e.g. a teacher's always-zero KD/W/GM terms and weight.
+    They stay in the history (the CSVs and plots read them)."""
+    shown = getattr(trainable, "shown_metric_names", None)
+    return frozenset() if shown is None else frozenset(dict(trainable.metric_names).values()) - set(shown)
+
+
+def _fmt(row: Mapping[str, float], hidden: frozenset[str] = frozenset()) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in _NOT_LOGGED and k not in hidden)

@@ -148,7 +148,9 @@ class RuntimeConfig(Strict):
         "features every epoch (needs student.train.augment off; not with input-gradient matching)",
     )
     deterministic: bool = Field(True, description="deterministic algorithms on CPU")
-    progress_bar: bool = True
+    progress_bar: Union[bool, Literal["auto"]] = Field(
+        "auto", description="rich progress bar during training; auto = when stderr is a terminal (epoch lines are "
+        "logged either way)")
 
     @field_validator("device")
     @classmethod

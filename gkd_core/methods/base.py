@@ -261,6 +261,7 @@ class Distiller(nn.Module):
             for p in teacher.parameters():
                 p.requires_grad_(False)
         active = [t for t in self.terms if self.distill and self.weights[t] > 0]
+        self.active_terms = tuple(active)
         self.use_kd = "kd" in active
         self.use_wasserstein = "wasserstein" in active
         self.use_grad_match = "grad_match" in active
@@ -303,6 +304,15 @@ class Distiller(nn.Module):
         loss terms as ``train_<term>``, the distillation weight and the method's metrics under their names."""
         return {**{k: f"train_{k}" for k in ("total", "ce", *TERMS)}, "weight": "weight",
                 **{m: m for m in self.extra_metrics}}
+
+    @property
+    def shown_metric_names(self) -> tuple[str, ...]:
+        """The history columns an epoch's log line shows: the total and CE, the terms this run computes, the
+        distillation weight while distilling, the method's metrics. A teacher (or a student trained alone)
+        shows no KD, W, GM or weight columns, a KD student no W or GM; the history keeps every column of
+        :attr:`metric_names` (zeros where a term is off), which is what the CSVs and plots read."""
+        return ("train_total", "train_ce", *(f"train_{t}" for t in self.active_terms),
+                *(("weight",) if self.distill else ()), *self.extra_metrics)
 
     def training_state(self) -> dict[str, Any]:
         """What a checkpoint holds: everything but the frozen teacher (a dependency of the run, not part of
