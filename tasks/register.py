@@ -4,8 +4,8 @@
 
 The registered model is a pyfunc that takes raw images and returns labels and probabilities
 (tasks/serving_model.py: ``mlflow.pyfunc.load_model(uri).predict(df_with_image_column)``, ``mlflow models
-serve``), logged as code (no pickle) with the student's model file as its artifact, a signature and an input
-example. The same run logs the ONNX file as an MLflow ONNX model (``runs:/<run>/onnx``, loadable with
+serve``), logged as code (no pickle) with the student's model file as its artifact, a signature (column
+``image``: encoded bytes, base64 over JSON; or ``pixels``: a uint8 array) and an input example. The same run logs the ONNX file as an MLflow ONNX model (``runs:/<run>/onnx``, loadable with
 ``mlflow.onnx.load_model``; version tag ``onnx_model_uri``). PyTorch users load the network itself with
 :func:`tasks.registry.load_student` (a real ``nn.Module``: ``.eval()``, ``.to()``; weights read without running
 code). The run carries the evaluation metrics (what promotion compares); the version's tags the ONNX parity,
@@ -29,7 +29,8 @@ from typing import Any, Mapping, Optional
 import mlflow
 import onnx
 import pandas as pd
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from PIL import Image
 
 import gkd_core
@@ -78,6 +79,17 @@ def registered_version(client: Any, name: str, content: str) -> Optional[str]:
     except mlflow.exceptions.MlflowException:
         return None
     return str(min(int(v.version) for v in versions)) if versions else None
+
+
+def serving_signature(meta: ModelMeta, images: pd.DataFrame, outputs: pd.DataFrame) -> ModelSignature:
+    """The pyfunc's signature: per row an ``image`` (encoded bytes; base64 in JSON) or ``pixels`` (a uint8 array,
+    ``H x W`` for a one-channel model, ``H x W x C`` otherwise), both optional columns; the output columns as
+    predicted (label, index, confidence, probabilities)."""
+    pixel: Any = DataType.long
+    for _ in range(2 if meta.in_channels == 1 else 3):
+        pixel = Array(pixel)
+    inputs = Schema([ColSpec(DataType.binary, "image", required=False), ColSpec(pixel, "pixels", required=False)])
+    return ModelSignature(inputs=inputs, outputs=infer_signature(images, outputs).outputs)
 
 
 def example_images(data: Any, meta: ModelMeta) -> pd.DataFrame:
@@ -158,7 +170,7 @@ def register(
             python_model=str(SERVING_CODE),  # models from code: the file is logged, nothing is pickled
             artifacts={MODEL_FILE_ARTIFACT: str(paths.input(STUDENT))},
             code_paths=[str(Path(gkd_core.__file__).parent)],
-            signature=infer_signature(images, outputs),
+            signature=serving_signature(meta, images, outputs),
             input_example=images,
             pip_requirements=_requirements("torch", "torchvision", "numpy", "pandas", "pillow", "pydantic",
                                            "POT", "scipy", "scikit-learn", "PyYAML", "mlflow"),
