@@ -19,7 +19,6 @@ import typer
 from prefect import flow, get_run_logger
 
 from flows import cli as flow_cli
-from flows.prefect_tasks import promote_task
 from gkd_core.cli_support import load_params_checked, run_cli
 from tasks import promote as promote_rule
 from tasks.cli import configure_logging
@@ -32,6 +31,10 @@ logger = logging.getLogger(__name__)
 @flow(name="gkd-promote")
 def promote(project_dir: str = ".") -> dict[str, Any]:
     """Run the promotion rule once; returns the decision record (``decision``: promoted | refused | unchanged)."""
+    # imported here: flows.prefect_tasks loads every task module (registration, sweep: onnx, pandas, scipy),
+    # seconds that the command line's direct path (no flow run) does not need
+    from flows.prefect_tasks import promote_task
+
     root = Path(project_dir).resolve()
     load_params_checked(root / PARAMS_FILE, check_dataset=False)  # fail fast on bad params
     record = promote_task(StagePaths(root))
