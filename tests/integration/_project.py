@@ -73,6 +73,21 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, **k
     return proc
 
 
+def console_script(name: str, bin_dir: Path) -> Path:
+    """The console script ``name`` of pyproject's [project.scripts], written into ``bin_dir`` the way pip
+    installs it, except that it imports the project from the working directory (a test project's own copy of
+    the code), not from the installed tree."""
+    import tomllib
+
+    module, func = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][name].split(":")
+    path = bin_dir / name
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!{sys.executable}\nimport os, sys\nsys.path.insert(0, os.getcwd())\n"
+                    f"from {module} import {func}\nsys.exit({func}())\n")
+    path.chmod(0o755)
+    return path
+
+
 def git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return run(["git", *args], root)
 

@@ -99,3 +99,16 @@ def test_pipeline_ends_with_next_steps() -> None:
                      "gkd predict --model models:/gkd-student@challenger"):
         assert expected in text, expected
     assert re.search(r"git add dvc\.lock", text)
+
+
+def test_a_stage_without_a_parent_run_says_it_was_not_logged(tmp_path, caplog: pytest.LogCaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc repro` / `dvc exp run` stages have no parent MLflow run: their last line says so."""
+    from tasks import tracking
+
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    caplog.set_level(logging.INFO, logger="tasks.tracking")
+    with tracking.stage_run("evaluate", tmp_path) as run:
+        assert not run.enabled
+    assert caplog.records[-1].getMessage().startswith("evaluate: not logged to MLflow (no parent run")
+    assert not (tmp_path / "mlflow.db").exists()
