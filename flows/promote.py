@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 from prefect import flow, get_run_logger
@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from flows import cli as flow_cli
 from flows.prefect_tasks import promote_task
 from gkd_core.cli_support import load_params_checked, run_cli
+from tasks import handoff
 from tasks.cli import configure_logging
 from tasks.paths import PARAMS_FILE, StagePaths
 from tasks.promote import REFUSED_EXIT_CODE
@@ -25,9 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 @flow(name="gkd-promote")
-def promote(project_dir: str = ".") -> dict[str, Any]:
+def promote(project_dir: Optional[str] = None) -> dict[str, Any]:
     """Run the promotion rule once; returns the decision record (``decision``: promoted | refused | unchanged)."""
-    root = Path(project_dir).resolve()
+    root = handoff.project_dir(project_dir)
     load_params_checked(root / PARAMS_FILE, check_dataset=False)  # fail fast on bad params
     record = promote_task(StagePaths(root))
     get_run_logger().info("promotion %s: %s", record["decision"], record["reason"])

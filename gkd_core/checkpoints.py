@@ -13,7 +13,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ class Checkpointing:
     path: Path
     fingerprint: str = ""
     resume: bool = True
+    on_save: Optional[Callable[[Path], None]] = None  # told after each checkpoint is written (e.g. to mirror it)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -287,6 +287,8 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
                 save_checkpoint(ckpt.path, fingerprint=ckpt.fingerprint, epoch=epoch + 1, trainable=trainable,
                                 optimizer=optimizer, scheduler=scheduler, loader=train_loader, history=history,
                                 best=best)
+                if ckpt.on_save is not None:
+                    ckpt.on_save(ckpt.path)
     finally:
         bar.close()
 

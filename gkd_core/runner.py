@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ def build_net(model_cfg: ModelConfig, data: PreparedData) -> nn.Module:
 def _train(
     params: ParamsBase, data: PreparedData, net_cfg: NetConfig, method: Any, teacher: Optional[nn.Module],
     checkpoint_path: str | Path | None, callbacks: Sequence[Callback], resume: bool, desc: str,
-    stop_after_epochs: Optional[int] = None,
+    stop_after_epochs: Optional[int] = None, on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> RunResult:
     """Train ``net_cfg``'s network under ``method`` (a ``method`` section; its registry spec decides the rest)."""
     rt = params.runtime
@@ -102,7 +102,7 @@ def _train(
         device=device, amp=rt.amp, channels_last=use_cl,
         compile=rt.compile is True or (rt.compile == "auto" and device.type == "cuda"),
         progress=method.progress, progress_bar=rt.progress_bar, desc=desc, callbacks=callbacks,
-        checkpoint=Checkpointing(Path(checkpoint_path), fingerprint, resume) if checkpoint_path else None,
+        checkpoint=Checkpointing(Path(checkpoint_path), fingerprint, resume, on_checkpoint) if checkpoint_path else None,
         stop_after_epochs=stop_after_epochs,
     )
     try:
@@ -145,16 +145,18 @@ _ALONE = MethodConfig(name="none")  # a network trained alone: cross-entropy, no
 def train_teacher(
     params: ParamsBase, data: PreparedData, checkpoint_path: str | Path | None = None,
     callbacks: Sequence[Callback] = (), resume: bool = True, stop_after_epochs: Optional[int] = None,
+    on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> RunResult:
-    """Train ``params.teacher`` on the prepared data with cross-entropy alone."""
+    """Train ``params.teacher`` on the prepared data with cross-entropy alone (``on_checkpoint`` is told after
+    each epoch's checkpoint is written)."""
     return _train(params, data, params.teacher, _ALONE, None, checkpoint_path, callbacks, resume, "teacher",
-                  stop_after_epochs)
+                  stop_after_epochs, on_checkpoint)
 
 
 def distill_student(
     params: ParamsBase, data: PreparedData, teacher: Optional[nn.Module], checkpoint_path: str | Path | None = None,
     callbacks: Sequence[Callback] = (), resume: bool = True, method: Any = None,
-    stop_after_epochs: Optional[int] = None,
+    stop_after_epochs: Optional[int] = None, on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> RunResult:
     """Train ``params.student`` under ``params.method`` (or ``method``, another ``method`` section) with the
     frozen ``teacher`` (ignored by a method that trains the student alone)."""
@@ -162,7 +164,7 @@ def distill_student(
     if method_spec(method.name).needs_teacher and teacher is None:
         raise ValueError(f"method {method.name!r} needs a teacher model")
     return _train(params, data, params.student, method, teacher, checkpoint_path, callbacks, resume,
-                  f"student[{method.name}]", stop_after_epochs)
+                  f"student[{method.name}]", stop_after_epochs, on_checkpoint)
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, Any]:

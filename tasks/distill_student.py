@@ -22,6 +22,7 @@ from gkd_core.methods import method_spec
 from gkd_core.schedules import schedule_curve
 from tasks import tracking
 from tasks.cli import stage_app
+from tasks.handoff import CheckpointMirror
 from tasks.inputs import load_model_checked, load_prepared_checked
 from tasks.paths import (
     PARAMS_FILE, PREPARED, SCHEDULE_CSV, SCHEDULE_PNG, STUDENT, STUDENT_CURVES, STUDENT_HISTORY, STUDENT_REPORT,
@@ -51,9 +52,13 @@ def distill_student(
         teacher, _ = load_model_checked(paths.input(TEACHER), "teacher", "train_teacher", data, params.teacher.model,
                                         "teacher.model")
     ckpt = paths.checkpoint(f"student-{params.method.name}-seed{params.seed}", data)
+    mirror = CheckpointMirror.from_env()
+    if mirror is not None:
+        mirror.fetch(ckpt)
     with tracking.stage_run(STAGE, paths.root, parent_run_id, params=params, run_name=run_name,
                             tags={"method": params.method.name, "seed": str(params.seed)}) as run:
-        result = runner.distill_student(params, data, teacher, checkpoint_path=ckpt, callbacks=[run.callback])
+        result = runner.distill_student(params, data, teacher, checkpoint_path=ckpt, callbacks=[run.callback],
+                                        on_checkpoint=mirror.push if mirror else None)
         test = runner.evaluate_model(result.model, data, "test", teacher=teacher, device=params.runtime.device)
         schedule = result.schedule  # as trained (an adaptive schedule's final timing)
         metrics = {
@@ -76,6 +81,8 @@ def distill_student(
         write_json(paths.output(STUDENT_REPORT), metrics)
         tracking.log_stage_files(run, STAGES[STAGE], paths)
     ckpt.unlink(missing_ok=True)
+    if mirror is not None:
+        mirror.remove(ckpt)
     logger.info("student %s [%s]: val %.4f, test %.4f -> %s", params.student.model.name, params.method.name,
                 metrics["final_val_accuracy"], metrics["test_accuracy"], paths.output(STUDENT))
     return metrics

@@ -120,8 +120,16 @@ def write_sweep_params(root: Path, spec: SweepSpec) -> Path:
 
 
 def _fingerprint(params_file: Path, keys: Sequence[str], extra: Mapping[str, Any]) -> str:
+    """A hash of the params at dotted ``keys`` (and ``extra``): what an output depends on."""
     data = yaml.safe_load(params_file.read_text()) or {}
-    picked = {k: data.get(k) for k in keys}
+
+    def at(key: str) -> Any:
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node
+
+    picked = {k: at(k) for k in keys}
     blob = json.dumps({**picked, **extra}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -137,13 +145,16 @@ def _stamp(report: Path, fingerprint: str) -> None:
     write_json(report, {**read_json(report), "sweep_fingerprint": fingerprint})
 
 
+TEACHER_RUNTIME = ("runtime.device", "runtime.amp", "runtime.deterministic", "runtime.channels_last")
+
+
 def shared_stages(root: Path, spec: SweepSpec, parent_run_id: Optional[str] = None) -> dict[str, Any]:
     """Prepare the data and train the teacher in the sweep's folder, unless done for the same params."""
     folder = sweep_root(root, spec)
     params_file = folder / PARAMS_FILE
     paths = StagePaths(folder)
     data_fp = _fingerprint(params_file, ("seed", "dataset"), {})
-    teacher_fp = _fingerprint(params_file, ("seed", "dataset", "teacher", "runtime"), {})
+    teacher_fp = _fingerprint(params_file, ("seed", "dataset", "teacher", *TEACHER_RUNTIME), {})
     done = {"prepare_data": _done(paths.output(DATA_REPORT), data_fp),
             "train_teacher": _done(paths.output(TEACHER_REPORT), teacher_fp)}
     if not done["prepare_data"]:
@@ -179,6 +190,19 @@ def sweep_point(arm: str, seed: int, folder: str, parent_run_id: Optional[str] =
         distill_student(paths, PARAMS_FILE, overrides, parent_run_id, run_name=name)
         evaluate(paths, PARAMS_FILE, overrides, parent_run_id, run_name=f"{name}-evaluate")
         _stamp(paths.output(EVALUATE_REPORT), fp)
+    return point_figures(arm, seed, paths, skipped)
+
+
+SHARED_FILES = (PARAMS_FILE, "data/prepared.pt", DATA_REPORT, "models/teacher.pt", TEACHER_REPORT)
+
+
+def point_reports(arm: str, seed: int, points_dir: str = POINTS) -> list[str]:
+    """A point's report files, relative to its sweep folder (what travels back from a GPU worker)."""
+    return [f"{points_dir}/{point_name(arm, seed)}/{rel}" for rel in (STUDENT_REPORT, EVALUATE_REPORT)]
+
+
+def point_figures(arm: str, seed: int, paths: StagePaths, skipped: bool) -> dict[str, Any]:
+    """The figures the comparison reads, from a point's reports."""
     train, ev = read_json(paths.output(STUDENT_REPORT)), read_json(paths.output(EVALUATE_REPORT))
     return {
         "arm": arm, "seed": seed, "dir": str(paths.out_dir), "skipped": skipped,

@@ -17,6 +17,7 @@ from gkd_core.cli_support import load_params_checked
 from gkd_core.io import write_json
 from tasks import tracking
 from tasks.cli import stage_app
+from tasks.handoff import CheckpointMirror
 from tasks.inputs import load_prepared_checked
 from tasks.paths import PARAMS_FILE, PREPARED, TEACHER, TEACHER_CURVES, TEACHER_HISTORY, TEACHER_REPORT, StagePaths
 from tasks.reports import test_metrics
@@ -37,8 +38,12 @@ def train_teacher(
     params = load_params_checked(paths.root / params_path, overrides, check_dataset=False)
     data = load_prepared_checked(paths.input(PREPARED))
     ckpt = paths.checkpoint("teacher", data)
+    mirror = CheckpointMirror.from_env()
+    if mirror is not None:
+        mirror.fetch(ckpt)
     with tracking.stage_run(STAGE, paths.root, parent_run_id, params=params) as run:
-        result = runner.train_teacher(params, data, checkpoint_path=ckpt, callbacks=[run.callback])
+        result = runner.train_teacher(params, data, checkpoint_path=ckpt, callbacks=[run.callback],
+                                      on_checkpoint=mirror.push if mirror else None)
         test = runner.evaluate_model(result.model, data, "test", device=params.runtime.device)
         metrics = {**result.summary, "model": params.teacher.model.name, **test_metrics(test)}
         write_trained_model(result, params.teacher.model, data, metrics, paths.output(TEACHER),
@@ -47,6 +52,8 @@ def train_teacher(
         write_json(paths.output(TEACHER_REPORT), metrics)
         tracking.log_stage_files(run, STAGES[STAGE], paths)
     ckpt.unlink(missing_ok=True)
+    if mirror is not None:
+        mirror.remove(ckpt)
     logger.info("teacher %s: val %.4f, test %.4f -> %s", params.teacher.model.name,
                 metrics["final_val_accuracy"], metrics["test_accuracy"], paths.output(TEACHER))
     return metrics
