@@ -55,6 +55,7 @@ BASELINES_DIR = "reports/baselines"  # baseline students of `--baselines` (same 
 
 
 LOCK_ARTIFACT = "gkd-dvc-lock-entry"  # key of the artifact a GPU stage run hands its dvc.lock entry back in
+FAILURE_ARTIFACT = "gkd-stage-failure"  # ... and, when it fails with a known cause, that cause
 
 
 @flow(name="gkd-stage")
@@ -79,8 +80,15 @@ def stage_flow(stage: str, project_dir: Optional[str] = None, parent_run_id: Opt
     if sync_remote and upstream:
         dvc_ops.pull(str(root), upstream)
     mirror = f"{handoff.remote_url(root).rstrip('/')}/gkd-checkpoints" if sync_remote else None
-    with _env(handoff.MIRROR_ENV, mirror):
-        result = stage_task.with_options(**stage_options(stage))(str(root), stage, parent_run_id)
+    try:
+        with _env(handoff.MIRROR_ENV, mirror):
+            result = stage_task.with_options(**stage_options(stage))(str(root), stage, parent_run_id)
+    except (StageFailed, UserError) as err:
+        retryable = isinstance(err, StageFailed) and err.retryable
+        create_markdown_artifact(markdown=yaml.safe_dump({"error": str(err), "retryable": retryable,
+                                                          "exit_code": getattr(err, "exit_code", 2)}),
+                                 key=FAILURE_ARTIFACT, description=f"why stage {stage} failed")
+        raise
     if sync_remote:
         dvc_ops.push(str(root), [stage])
     entry = handoff.lock_entry(root, stage)
@@ -120,11 +128,14 @@ def dispatch_to_gpu_pool(root: str, stage: str, parent_run_id: Optional[str]) ->
         "params_yaml": handoff.read_text(project, PARAMS_FILE), "dvc_lock": handoff.read_text(project, "dvc.lock")})
     if not run.state or not run.state.is_completed():
         state = run.state.name if run.state else "without a state"
+        cause = _artifact_of(run.id, FAILURE_ARTIFACT)
+        if cause:  # the stage refused its input, diverged, or crashed inside: its own words and verdict
+            raise StageFailed(stage, f"{cause['error']} (on the gpu pool)", "gpu_run", cause.get("exit_code"),
+                              retryable=bool(cause.get("retryable")))
         message = (run.state.message or "").strip().splitlines()[0] if run.state and run.state.message else ""
-        retryable = not any(k in message for k in ("UserError", "StageFailed: stage", "NonFiniteLossError"))
         raise StageFailed(stage, f"stage {stage} on the gpu pool ended {state}: {message}", "gpu_run", None,
-                          retryable=retryable)
-    entry = _lock_entry_of(run.id)
+                          retryable=True)  # the worker died or lost its connection: worth another try
+    entry = _artifact_of(run.id, LOCK_ARTIFACT)
     if entry:
         handoff.merge_lock_entry(project, stage, entry)
     dvc_ops.pull(root, [stage])
@@ -132,10 +143,11 @@ def dispatch_to_gpu_pool(root: str, stage: str, parent_run_id: Optional[str]) ->
             "flow_run_id": str(run.id)}
 
 
-def _lock_entry_of(flow_run_id: Any) -> Optional[dict[str, Any]]:
+def _artifact_of(flow_run_id: Any, key: str) -> Optional[dict[str, Any]]:
+    """The YAML a flow run left in its artifact ``key`` (stored by the Prefect server both machines use)."""
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[LOCK_ARTIFACT]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     return yaml.safe_load(artifacts[-1].data) if artifacts else None
 
 
