@@ -2,8 +2,9 @@
 under torchrun (``python -m torch.distributed.run``), so ``dvc repro`` and the flows run it unchanged.
 
     runtime: {nproc: 4}    # params.yaml: 4 processes (one per GPU) on this node, torchrun --standalone
-    GKD_TORCHRUN_ARGS="--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint host0:29500 --rdzv-id gkd1"
-                           # several nodes: these rendezvous flags replace --standalone (docs/performance.md)
+    GKD_TORCHRUN_ARGS="--nnodes 2 --node-rank K --master-addr node0 --master-port 29500"
+                           # several nodes (K = 0, 1 on each): torchrun's flags replace --standalone; with
+                           # --node-rank, global rank 0 (the writer) is on node 0 (docs/performance.md)
 
 The relaunched command is the same stage module with the same options; each worker sees torchrun's
 environment (``RANK``, ``WORLD_SIZE``, ...), trains as one rank (gkd_core joins the process group), and only
