@@ -8,8 +8,9 @@ under torchrun (``python -m torch.distributed.run``), so ``dvc repro`` and the f
 
 The relaunched command is the same stage module with the same options; each worker sees torchrun's
 environment (``RANK``, ``WORLD_SIZE``, ...), trains as one rank (gkd_core joins the process group), and only
-rank 0 writes files and logs to MLflow. A command already running under torchrun is never relaunched. When a
-worker fails, torchrun stops the others and names the failed rank; the command then exits with the worker's
+rank 0 writes files and logs to MLflow. A command already running under torchrun is never relaunched; a
+SIGTERM to the command reaches torchrun, which stops the workers. When a worker fails, torchrun stops the
+others and names the failed rank; the command then exits with the worker's
 own exit code when it reported one (``$GKD_ERROR_FILE``: 2 bad input, 3 non-finite), else torchrun's.
 """
 
@@ -19,9 +20,11 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -109,7 +112,7 @@ def relaunch(nproc: int, module: str, argv: Sequence[str]) -> int:
     cmd = torchrun_command(nproc, module, argv)
     logger.info("runtime.nproc = %d: %s", nproc, shlex.join(cmd))
     try:
-        code = subprocess.run(cmd, env=env, check=False).returncode
+        code = _run_forwarding_signals(cmd, env)
         if code == 0:
             return 0
         reported = _read_error(error_file) if _mtime(error_file) != before else None
@@ -122,6 +125,29 @@ def relaunch(nproc: int, module: str, argv: Sequence[str]) -> int:
     finally:
         if own_error_file:
             error_file.unlink(missing_ok=True)
+
+
+def _run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run ``cmd`` and wait; SIGTERM / SIGHUP sent to this process (a cancelled flow run, a stopped worker)
+    go on to torchrun, which stops its workers; any other way out of the wait stops it too. No training
+    process outlives the command."""
+    proc = subprocess.Popen(list(cmd), env=dict(env))
+    saved: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            saved[sig] = signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+    try:
+        code = proc.wait()
+        return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # KeyboardInterrupt or another error while waiting
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _mtime(path: Path) -> Optional[int]:

@@ -324,3 +324,28 @@ def test_a_worker_error_ends_the_stage_with_its_message_and_exit_code(monkeypatc
     assert launch.relaunch(2, "tasks.distill_student", []) == 1
     assert "the 2 training processes failed (torchrun exit code 1)" in caplog.records[-1].getMessage()
     assert "GKD_ERROR_FILE" not in os.environ
+
+
+def test_a_sigterm_to_the_stage_command_stops_the_training_processes(tmp_path):
+    """A cancelled flow run sends SIGTERM to the stage command: it reaches torchrun (here a stand-in that sleeps),
+    which stops; the command ends with 128 + 15 and leaves no process behind."""
+    import signal
+
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "relaunch.py"
+    script.write_text(
+        "import sys\n"
+        "from tasks import launch\n"
+        "child = 'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(120)'\n"
+        f"launch.torchrun_command = lambda *a, **k: [sys.executable, '-c', child, {str(pid_file)!r}]\n"
+        "sys.exit(launch.relaunch(2, 'tasks.train_teacher', []))\n")
+    proc = subprocess.Popen([sys.executable, str(script)], env=_env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
