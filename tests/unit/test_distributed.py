@@ -154,6 +154,7 @@ def test_sharded_loaders_yield_the_strided_share_of_the_single_process_batches(c
 # --- two processes against one --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # process start-up: torch is imported by every process
 def test_two_processes_cover_every_training_image_once_per_epoch(setup, two_processes):
     params, data = setup
     train, _, _ = make_loaders(data, params.student.train, "device", "cpu", seed=params.seed, with_index=True)
@@ -166,6 +167,7 @@ def test_two_processes_cover_every_training_image_once_per_epoch(setup, two_proc
     assert len(seen) == (n // b) * b
 
 
+@pytest.mark.slow  # process start-up: torch is imported by every process
 def test_two_processes_train_as_one_without_batchnorm(one_process, two_processes):
     """2 x B/2 = 1 x B up to float round-off: teacher (CE) and student (KD + sliced W + input-GM, projector)."""
     main = two_processes["main"]
@@ -178,12 +180,14 @@ def test_two_processes_train_as_one_without_batchnorm(one_process, two_processes
     assert two_processes["ranks"][1]["student"] == main["student"]  # every rank reports the all-reduced row
 
 
+@pytest.mark.slow  # process start-up: torch is imported by every process
 def test_per_process_batchnorm_changes_the_run_within_the_stated_tolerance(one_process, two_processes):
     gap = _history_gap(one_process["student_bn"], two_processes["main"]["student_bn"])
     print("per-process BatchNorm, 2 processes vs 1: max gap", gap)
     assert gap < 0.05  # measured 0.014: 2 validation images of 144; the loss terms within 0.4 %
 
 
+@pytest.mark.slow  # process start-up: torch is imported by every process
 def test_ddp_gradients_equal_the_single_process_gradients(two_processes):
     """One global batch, two steps (input-gradient matching on the first: DDP + double backward); W is computed
     on the gathered features: its value is the whole batch's, not the local share's, and so is its gradient."""
@@ -197,6 +201,7 @@ def test_ddp_gradients_equal_the_single_process_gradients(two_processes):
     assert abs(gompertz["local_w"] - gompertz["steps"][1]["ref"]["wasserstein"]) > 1e-3  # local W differs
 
 
+@pytest.mark.slow  # process start-up: torch is imported by every process
 def test_a_checkpoint_resumes_with_another_number_of_processes(setup, one_process, two_processes):
     params, data = setup
     from_single = two_processes["main"]["resumed_from_single"]  # written by 1 process, resumed by 2
@@ -213,6 +218,7 @@ def test_a_checkpoint_resumes_with_another_number_of_processes(setup, one_proces
 # --- failures are bounded -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # process start-up: torch is imported by every process
 def test_a_dead_rank_fails_the_run_with_its_exit_code(tmp_path):
     t0 = time.perf_counter()
     proc = _torchrun("dies", str(tmp_path), timeout=120)
@@ -222,6 +228,7 @@ def test_a_dead_rank_fails_the_run_with_its_exit_code(tmp_path):
     assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.slow  # process start-up: torch is imported by every process
 def test_a_stuck_rank_fails_the_run_at_the_collective_timeout(tmp_path):
     t0 = time.perf_counter()
     proc = _torchrun("hangs", str(tmp_path), timeout=120, GKD_DIST_TIMEOUT="6")
@@ -282,6 +289,7 @@ if os.environ.get("GKD_SPY_FILE"):
 """
 
 
+@pytest.mark.slow  # process start-up: torch is imported by every process
 def test_the_stage_relaunches_itself_on_nproc_processes_and_only_rank_0_writes(tmp_path):
     """``python -m tasks.train_teacher`` with runtime.nproc 2: torchrun runs two workers; every file (written
     atomically: temp file + os.replace, spied on in every process) comes from rank 0."""
@@ -326,6 +334,7 @@ def test_a_worker_error_ends_the_stage_with_its_message_and_exit_code(monkeypatc
     assert "GKD_ERROR_FILE" not in os.environ
 
 
+@pytest.mark.slow  # process start-up: torch is imported by every process
 def test_a_sigterm_to_the_stage_command_stops_the_training_processes(tmp_path):
     """A cancelled flow run sends SIGTERM to the stage command: it reaches torchrun (here a stand-in that sleeps),
     which stops; the command ends with 128 + 15 and leaves no process behind."""
