@@ -5,7 +5,8 @@
     #    reports/plots/schedule.csv, schedule.png (the distillation weight w(p) the student trained under)
 
 The per-epoch history includes the distillation weight (column ``weight``), so `dvc plots` and MLflow show
-the schedule over training. An interrupted run resumes from its checkpoint under checkpoints/.
+the schedule over training. An interrupted run resumes from its checkpoint under checkpoints/. With
+``runtime.nproc > 1`` it trains on that many processes (torchrun + DDP, tasks/launch.py); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from gkd_core import runner
+from gkd_core import distributed, runner
 from gkd_core.cli_support import load_params_checked
 from gkd_core.io import write_json
 from gkd_core.plots import plot_schedules
@@ -52,6 +53,9 @@ def distill_student(
         teacher, _ = load_model_checked(paths.input(TEACHER), "teacher", "train_teacher", data, params.teacher.model,
                                         "teacher.model")
     ckpt = paths.checkpoint(f"student-{params.method.name}-seed{params.seed}", data)
+    if not distributed.is_main():  # a torchrun worker of rank > 0: the same training; rank 0 writes and logs
+        runner.distill_student(params, data, teacher, checkpoint_path=ckpt)
+        return {}
     mirror = CheckpointMirror.from_env()
     if mirror is not None:
         mirror.fetch(ckpt)
@@ -88,7 +92,7 @@ def distill_student(
     return metrics
 
 
-app = stage_app(distill_student, __doc__)
+app = stage_app(distill_student, __doc__, distributed=True)
 
 if __name__ == "__main__":
     app()

@@ -4,6 +4,7 @@
     # -> models/teacher.pt, reports/teacher.json, reports/plots/teacher_history.csv, teacher_curves.png
 
 An interrupted run resumes from its full-state checkpoint under checkpoints/ (removed on success).
+With ``runtime.nproc > 1`` it trains on that many processes (torchrun + DDP, tasks/launch.py); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from gkd_core import runner
+from gkd_core import distributed, runner
 from gkd_core.cli_support import load_params_checked
 from gkd_core.io import write_json
 from tasks import tracking
@@ -38,6 +39,9 @@ def train_teacher(
     params = load_params_checked(paths.root / params_path, overrides, check_dataset=False)
     data = load_prepared_checked(paths.input(PREPARED))
     ckpt = paths.checkpoint("teacher", data)
+    if not distributed.is_main():  # a torchrun worker of rank > 0: the same training; rank 0 writes and logs
+        runner.train_teacher(params, data, checkpoint_path=ckpt)
+        return {}
     mirror = CheckpointMirror.from_env()
     if mirror is not None:
         mirror.fetch(ckpt)
@@ -59,7 +63,7 @@ def train_teacher(
     return metrics
 
 
-app = stage_app(train_teacher, __doc__)
+app = stage_app(train_teacher, __doc__, distributed=True)
 
 if __name__ == "__main__":
     app()

@@ -24,6 +24,12 @@ The teacher is frozen: ``eval()`` always, ``requires_grad=False``, run under ``t
 ``inference_mode``: its logits are saved for the KD backward) except on input-gradient-matching steps, where
 it runs with grad enabled so its *input* gradient can be taken (its parameters still get none). On those
 steps a ``torch.compile``'d student runs eagerly (compiled graphs do not support the double backward).
+
+Several processes (:meth:`Distiller.distribute`): the student's forward goes through DistributedDataParallel
+around the student and the method's learnable parameters; the Wasserstein term is computed on the features
+of the whole global batch (gathered with their gradients), per-sample terms on the local batch. Input-gradient
+matching takes its ``create_graph`` gradient w.r.t. the input only, so DDP's reducer sees one backward (of
+``total``) per step.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from gkd_core import distributed
 from gkd_core.losses import (
     FeatureProjector,
     input_gradient_matching,
@@ -247,6 +254,7 @@ class Distiller(nn.Module):
         self.seed = int(seed)
         self.extra_metrics = tuple(metrics)
         self._generators: dict[str, torch.Generator] = {}
+        self._ddp: Optional[nn.Module] = None  # DDP around the learnable parts (never registered: no state_dict keys)
         self._init_rng = torch.Generator().manual_seed(self.seed)
 
         cfg = self.losses_cfg
@@ -328,6 +336,23 @@ class Distiller(nn.Module):
         self.student.compile()
         if self.teacher is not None and self.distill and self._teacher_cache is None:
             self.teacher.compile()
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Train under ``wrap`` (DistributedDataParallel): it wraps the student together with the projector and
+        :meth:`method_parameters`, so DDP averages all their gradients; the teacher (and any frozen helper)
+        stays outside. Until :meth:`undistribute` the student's forward goes through it and batch-level terms
+        use the whole global batch."""
+        extra = list(self.projector.parameters()) if self.projector is not None else []
+        extra += [p for p in self.method_parameters() if p.requires_grad]
+        object.__setattr__(self, "_ddp", wrap(distributed.TrainableParts(self.student, extra)))
+
+    def undistribute(self) -> None:
+        object.__setattr__(self, "_ddp", None)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether this module trains as one of several processes (see :meth:`distribute`)."""
+        return self._ddp is not None
 
     def end_epoch(self, progress: float, row: Mapping[str, float]) -> None:
         """The schedule sees each finished epoch (validation accuracy included): an adaptive one refits."""
@@ -424,7 +449,7 @@ class Distiller(nn.Module):
         x_in = x.detach().requires_grad_(True) if input_gm else x
 
         with _eager_if_compiled() if input_gm else contextlib.nullcontext():
-            s_logits = self.student(x_in)
+            s_logits = (self._ddp if self._ddp is not None else self.student)(x_in)
         with torch.autocast(device_type=device.type, enabled=False):
             ce = F.cross_entropy(s_logits.float(), y, label_smoothing=self.label_smoothing)
 
@@ -488,6 +513,8 @@ class Distiller(nn.Module):
         fs, ft = fs.flatten(1), ft.detach().flatten(1)
         if self.projector is not None:
             fs = self.projector(fs)
+        if self._ddp is not None:  # W between the global batch's feature clouds, as one process would compute it
+            fs, ft = distributed.gather_rows(fs, grad=True), distributed.gather_rows(ft)
         wc = self.losses_cfg.wasserstein
         return wasserstein_distance(
             fs, ft, method=wc.method, n_projections=wc.n_projections, sinkhorn_reg=wc.sinkhorn_reg,
