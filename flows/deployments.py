@@ -42,27 +42,26 @@ logger = logging.getLogger(__name__)
 WORK_POOLS = {"cpu": "process", "gpu": "process"}
 
 
-def build_deployments(project_dir: Optional[str] = None) -> list[tuple[RunnerDeployment, str]]:
-    """``(deployment, work pool)`` pairs. ``project_dir`` (one machine only) becomes the workers' working
+def build_deployments(project_dir: Optional[str] = None) -> list[RunnerDeployment]:
+    """The deployments, each naming its work pool. ``project_dir`` (one machine only) becomes the workers' working
     directory; without it each worker finds its checkout through ``$GKD_PROJECT_DIR``."""
     job_vars: dict[str, Any] = {"working_dir": project_dir} if project_dir else {}
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "job_variables": job_vars}
     return [
-        (pipeline.to_deployment(name="nightly", cron="0 2 * * *", work_pool_name="cpu",
-                                parameters={"register_model": True, "promote": True, "gpu_dispatch": "deployment"},
-                                tags=["cpu"], description="Nightly pipeline; GPU stages on the gpu pool.",
-                                **common), "cpu"),
-        (stage_flow.to_deployment(name="gpu", work_pool_name="gpu", tags=["gpu"],
-                                  description="One DVC stage (train_teacher, distill_student) on a GPU worker.",
-                                  **common), "gpu"),
-        (sweep_point_flow.to_deployment(name="gpu", work_pool_name="gpu", tags=["gpu"],
-                                        description="One sweep point (arm x seed) on a GPU worker.", **common),
-         "gpu"),
-        (sweep.to_deployment(name="weekly", cron="0 4 * * 0", work_pool_name="cpu", tags=["cpu"],
-                             parameters={"preset": "fashion-mnist", "gpu_dispatch": "deployment"},
-                             description="Arms x seeds comparison (a preset of sweeps.yaml).", **common), "gpu"),
-        (promote.to_deployment(name="daily", cron="30 6 * * *", work_pool_name="cpu", tags=["cpu"],
-                               description="Promote the challenger when it beats the champion.", **common), "cpu"),
+        pipeline.to_deployment(name="nightly", cron="0 2 * * *", work_pool_name="cpu",
+                               parameters={"register_model": True, "promote": True, "gpu_dispatch": "deployment"},
+                               tags=["cpu"], description="Nightly pipeline; GPU stages on the gpu pool.",
+                               **common),
+        stage_flow.to_deployment(name="gpu", work_pool_name="gpu", tags=["gpu"],
+                                description="One DVC stage (train_teacher, distill_student) on a GPU worker.",
+                                **common),
+        sweep_point_flow.to_deployment(name="gpu", work_pool_name="gpu", tags=["gpu"],
+                                       description="One sweep point (arm x seed) on a GPU worker.", **common),
+        sweep.to_deployment(name="weekly", cron="0 4 * * 0", work_pool_name="cpu", tags=["cpu"],
+                            parameters={"preset": "fashion-mnist", "gpu_dispatch": "deployment"},
+                            description="Arms x seeds comparison (a preset of sweeps.yaml).", **common),
+        promote.to_deployment(name="daily", cron="30 6 * * *", work_pool_name="cpu", tags=["cpu"],
+                              description="Promote the challenger when it beats the champion.", **common),
     ]
 
 
@@ -85,9 +84,9 @@ def apply_deployments(project_dir: Optional[str] = None, gpus: int = 1) -> list[
     """Create or update every deployment; returns their ids."""
     ensure_work_pools(gpus)
     ids = []
-    for deployment, pool in build_deployments(project_dir):
-        ids.append(str(deployment.apply(work_pool_name=pool)))
-        logger.info("deployment %s/%s on pool %s", deployment.flow_name, deployment.name, pool)
+    for deployment in build_deployments(project_dir):
+        ids.append(str(deployment.apply(work_pool_name=deployment.work_pool_name)))
+        logger.info("deployment %s/%s on pool %s", deployment.flow_name, deployment.name, deployment.work_pool_name)
     return ids
 
 

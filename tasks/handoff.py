@@ -49,7 +49,7 @@ def _git(root: Path, *args: str, check: bool = True) -> str:
 def pinned_commit(root: Path) -> str:
     """The commit a GPU box must run; refused while tracked code differs from it (it could not travel)."""
     commit = _git(root, "rev-parse", "HEAD")
-    changed = [line[3:] for line in _git(root, "status", "--porcelain", "--untracked-files=no").splitlines()]
+    changed = _git(root, "diff", "--name-only", "HEAD").splitlines()  # tracked files, staged or not
     code = [p for p in changed if p not in TRAVELLING]
     if code:
         raise UserError(f"{root}: uncommitted changes to {', '.join(code[:5])}: a GPU worker runs commit "

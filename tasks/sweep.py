@@ -302,7 +302,7 @@ def comparison_markdown(table: Mapping[str, Any]) -> str:
         lines.append(
             f"| `{r['arm']}` | {r['n']} | {_pm(r['test_accuracy'])} | {_pm(r['best_val_test_accuracy'])} | "
             f"{_diff(vs.get('test_accuracy'))} | {_diff(vs.get('best_val_test_accuracy'))} | "
-            f"{_pm(r['agreement'], 3)} | {_pm(r['test_ece'], 3)} | {_pm(r['train_seconds'], 0)} |")
+            f"{_pm(r['agreement'], 3)} | {_pm(r['test_ece'], 3)} | {_pm(r['train_seconds'], 1)} |")
     lines += ["", "Objectives as run:", ""]
     lines += [f"- `{r['arm']}`: {r['objective'] or '-'}" for r in table["arms"]]
     hw = table["hardware"]

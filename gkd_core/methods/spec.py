@@ -7,7 +7,7 @@ the sum is written; :class:`Batch`, what a method's objective reads). The shared
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from pydantic import BaseModel
 from torch import Tensor, nn
@@ -15,8 +15,6 @@ from torch import Tensor, nn
 from gkd_core.schedules import Schedule
 from gkd_core.sections import LossesConfig, ModelConfig
 
-if TYPE_CHECKING:
-    from gkd_core.methods.base import Distiller
 
 __all__ = ["TERMS", "MethodSpec", "MethodContext", "Objective", "Batch", "combine"]
 
@@ -54,7 +52,8 @@ class MethodSpec:
             ``method`` section is there for an arm defined against another method's schedule).
         params: the pydantic model of ``method.<name>`` (None: the method has no block). A block with a
             ``weights`` field sets the terms' weights; without one every term has weight 1.
-        distiller: the module class; built with :meth:`Distiller.from_context`.
+        distiller: the module class, built with its ``from_context``; None: the shared module
+            (:class:`gkd_core.methods.base.Distiller`, which imports this module; the registry resolves it).
         terms: the distillation terms the method uses (a subset of :data:`TERMS`).
         metrics: extra per-step scalars its module reports (logged as epoch means).
         needs_teacher: False only for training a network alone.
@@ -66,17 +65,13 @@ class MethodSpec:
     summary: str
     schedule: Callable[[Any, Any], Schedule]
     params: Optional[type[BaseModel]] = None
-    distiller: type["Distiller"] = field(default=None)  # type: ignore[assignment]
+    distiller: Optional[type] = None
     terms: tuple[str, ...] = TERMS
     metrics: tuple[str, ...] = ()
     needs_teacher: bool = True
     objective: str = "CE + {w} * [{terms}]"
 
     def __post_init__(self) -> None:
-        if self.distiller is None:
-            from gkd_core.methods.base import Distiller  # the default module; base imports this module
-
-            object.__setattr__(self, "distiller", Distiller)
         unknown = set(self.terms) - set(TERMS)
         if unknown:
             raise ValueError(f"method {self.name!r}: unknown terms {sorted(unknown)}; allowed: {', '.join(TERMS)}")
@@ -96,11 +91,6 @@ class MethodSpec:
                            if k != "name" and isinstance(v, (int, float)))
         w = f"{schedule.name}({params})" if params else schedule.name
         return self.objective.format(w=w, terms=terms) if self.terms else "CE"
-
-    def build(self, ctx: MethodContext) -> "Distiller":
-        if self.needs_teacher and ctx.teacher is None:
-            raise ValueError(f"method {self.name!r} needs a teacher (only a method without one trains a model alone)")
-        return self.distiller.from_context(self, ctx)
 
 
 # --- the objective ----------------------------------------------------------------------------------------
