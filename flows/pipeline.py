@@ -17,13 +17,19 @@ pulls them back. That mode needs a DVC remote and a shared MLflow tracking serve
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import typer
-from prefect import flow, get_run_logger
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from rich.console import Console
@@ -32,7 +38,9 @@ from rich.table import Table
 from flows import cli as flow_cli
 from flows.prefect_tasks import GPU_STAGES, promote_task, register_task, stage_options, stage_task, sweep_point_task
 from gkd_core.cli_support import UserError, load_params_checked, run_cli
-from tasks import dvc_ops, tracking
+from gkd_core.methods import METHODS
+from tasks import dvc_ops, handoff, tracking
+from tasks.dvc_ops import StageFailed
 from tasks.cli import configure_logging
 from tasks.paths import EVALUATE_REPORT, ONNX, PARAMS_FILE, TEACHER_REPORT, StagePaths
 from tasks.reports import read_report
@@ -46,34 +54,101 @@ GPU_DEPLOYMENT = "gkd-stage/gpu"
 BASELINES_DIR = "reports/baselines"  # baseline students of `--baselines` (same teacher and seed)
 
 
+LOCK_ARTIFACT = "gkd-dvc-lock-entry"  # key of the artifact a GPU stage run hands its dvc.lock entry back in
+FAILURE_ARTIFACT = "gkd-stage-failure"  # ... and, when it fails with a known cause, that cause
+
+
 @flow(name="gkd-stage")
-def stage_flow(stage: str, project_dir: str = ".", parent_run_id: Optional[str] = None,
-               sync_remote: bool = True) -> dict[str, Any]:
-    """One stage as its own flow run: what a GPU worker executes. With ``sync_remote`` it pulls the stage's
-    inputs from the DVC remote first and pushes its outputs afterwards."""
-    root = str(Path(project_dir).resolve())
-    upstream = dvc_ops.stage_upstream(root).get(stage, [])
+def stage_flow(stage: str, project_dir: Optional[str] = None, parent_run_id: Optional[str] = None,
+               sync_remote: bool = True, git_commit: Optional[str] = None, params_yaml: Optional[str] = None,
+               dvc_lock: Optional[str] = None) -> dict[str, Any]:
+    """One stage as its own flow run: what a GPU worker executes (tasks/handoff.py says what travels).
+
+    In the worker's checkout (``project_dir``, else ``$GKD_PROJECT_DIR``): check out ``git_commit``, write the
+    orchestrator's ``params_yaml`` and ``dvc_lock``, pull the stage's inputs from the DVC remote, run the stage
+    through DVC (checkpoints mirrored to the remote), push its outputs, and hand the stage's dvc.lock entry
+    back as a Prefect artifact."""
+    root = handoff.project_dir(project_dir)
+    if sync_remote and handoff.remote_url(root) is None:
+        raise UserError(f"{root}: this worker's checkout has no DVC remote to exchange data through: "
+                        "`dvc remote add -d <name> <url>` (the one the orchestrating machine pushes to)")
+    if git_commit:
+        handoff.checkout(root, git_commit)
+    handoff.write_text(root, PARAMS_FILE, params_yaml)
+    handoff.write_text(root, "dvc.lock", dvc_lock)
+    upstream = dvc_ops.stage_upstream(str(root)).get(stage, [])
     if sync_remote and upstream:
-        dvc_ops.pull(root, upstream)
-    result = stage_task.with_options(**stage_options(stage))(root, stage, parent_run_id)
+        dvc_ops.pull(str(root), upstream)
+    mirror = f"{handoff.remote_url(root).rstrip('/')}/gkd-checkpoints" if sync_remote else None
+    try:
+        with _env(handoff.MIRROR_ENV, mirror):
+            result = stage_task.with_options(**stage_options(stage))(str(root), stage, parent_run_id)
+    except (StageFailed, UserError) as err:
+        retryable = isinstance(err, StageFailed) and err.retryable
+        create_markdown_artifact(markdown=yaml.safe_dump({"error": str(err), "retryable": retryable,
+                                                          "exit_code": getattr(err, "exit_code", 2)}),
+                                 key=FAILURE_ARTIFACT, description=f"why stage {stage} failed")
+        raise
     if sync_remote:
-        dvc_ops.push(root, [stage])
-    return result
+        dvc_ops.push(str(root), [stage])
+    entry = handoff.lock_entry(root, stage)
+    create_markdown_artifact(markdown=yaml.safe_dump(entry or {}, sort_keys=False), key=LOCK_ARTIFACT,
+                             description=f"dvc.lock entry of stage {stage}")
+    return {**result, "dvc_lock_entry": entry}
 
 
-def _dispatch_to_gpu_pool(root: str, stage: str, parent_run_id: Optional[str]) -> dict[str, Any]:
-    """Send a stage to the GPU deployment and wait; data travels through the DVC remote."""
+@contextlib.contextmanager
+def _env(name: str, value: Optional[str]) -> Iterator[None]:
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+@task(name="gpu-dispatch", **{k: v for k, v in stage_options("distill_student").items() if k != "name"})
+def dispatch_to_gpu_pool(root: str, stage: str, parent_run_id: Optional[str]) -> dict[str, Any]:
+    """Send ``stage`` to the gpu pool's deployment and wait: its inputs go to the DVC remote, the commit,
+    params.yaml and dvc.lock go with the run, the updated dvc.lock entry and the outputs come back. A crashed
+    GPU run is retried (the retry resumes from the checkpoint mirrored to the remote); a stage that refused
+    its input or diverged is not."""
+    project = Path(root)
+    commit = handoff.pinned_commit(project)
     upstream = dvc_ops.stage_upstream(root).get(stage, [])
     if upstream:
         dvc_ops.push(root, upstream)
     t0 = time.perf_counter()
-    run = run_deployment(GPU_DEPLOYMENT, parameters={"stage": stage, "parent_run_id": parent_run_id,
-                                                     "sync_remote": True}, timeout=None)
+    run = run_deployment(GPU_DEPLOYMENT, timeout=None, parameters={
+        "stage": stage, "parent_run_id": parent_run_id, "sync_remote": True, "git_commit": commit,
+        "params_yaml": handoff.read_text(project, PARAMS_FILE), "dvc_lock": handoff.read_text(project, "dvc.lock")})
     if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"stage {stage} on the gpu pool ended {run.state.name if run.state else 'without state'}")
+        state = run.state.name if run.state else "without a state"
+        cause = _artifact_of(run.id, FAILURE_ARTIFACT)
+        if cause:  # the stage refused its input, diverged, or crashed inside: its own words and verdict
+            raise StageFailed(stage, f"{cause['error']} (on the gpu pool)", "gpu_run", cause.get("exit_code"),
+                              retryable=bool(cause.get("retryable")))
+        message = (run.state.message or "").strip().splitlines()[0] if run.state and run.state.message else ""
+        raise StageFailed(stage, f"stage {stage} on the gpu pool ended {state}: {message}", "gpu_run", None,
+                          retryable=True)  # the worker died or lost its connection: worth another try
+    entry = _artifact_of(run.id, LOCK_ARTIFACT)
+    if entry:
+        handoff.merge_lock_entry(project, stage, entry)
     dvc_ops.pull(root, [stage])
     return {"stage": stage, "ran": None, "cached": None, "seconds": round(time.perf_counter() - t0, 2),
             "flow_run_id": str(run.id)}
+
+
+def _artifact_of(flow_run_id: Any, key: str) -> Optional[dict[str, Any]]:
+    """The YAML a flow run left in its artifact ``key`` (stored by the Prefect server both machines use)."""
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return yaml.safe_load(artifacts[-1].data) if artifacts else None
 
 
 def validate_inputs(root: str | Path) -> Any:
@@ -83,12 +158,14 @@ def validate_inputs(root: str | Path) -> Any:
     for needed in (PARAMS_FILE, "dvc.yaml"):
         if not (root / needed).is_file():
             raise UserError(f"{root / needed}: not found (is {root} the project folder?)")
-    return load_params_checked(root / PARAMS_FILE)
+    params = load_params_checked(root / PARAMS_FILE)
+    tracking.check_reachable(root)
+    return params
 
 
 @flow(name="gkd-pipeline")
 def pipeline(
-    project_dir: str = ".",
+    project_dir: Optional[str] = None,
     register_model: bool = True,
     promote: bool = False,
     gpu_dispatch: Literal["local", "deployment"] = "local",
@@ -101,7 +178,7 @@ def pipeline(
     registration with the same teacher and seed, for the comparison table (not registered).
     """
     log = get_run_logger()
-    root = str(Path(project_dir).resolve())
+    root = str(handoff.project_dir(project_dir))
     paths = StagePaths(Path(root))
     params = validate_inputs(root)
     baselines = [m for m in (baselines or []) if m != params.method.name]
@@ -123,7 +200,7 @@ def pipeline(
         for number, stage in enumerate(STAGES, 1):
             log.info("stage %d/%d: %s ...", number, len(STAGES), stage)
             if stage in GPU_STAGES and gpu_dispatch == "deployment":
-                results.append(_dispatch_to_gpu_pool(root, stage, parent))
+                results.append(dispatch_to_gpu_pool(root, stage, parent))
             else:
                 results.append(stage_task.with_options(**stage_options(stage))(root, stage, parent))
             log.info("%s: %s", stage, {True: "ran", False: "up to date", None: "done on the gpu pool"}[results[-1]["ran"]])
@@ -193,13 +270,13 @@ def _print_summary(result: dict[str, Any]) -> None:
     console.print(metrics)
     comparison = {k: v for k, v in result.get("comparison", {}).items() if v is not None}
     if len(comparison) > 1:
-        names = {"teacher": "teacher", "none": "student alone", "kd": "student + KD",
-                 "gompertz": "student + Gompertz-KD"}
         cmp_table = Table(title="test accuracy (same data, seed and teacher)")
         cmp_table.add_column("model")
+        cmp_table.add_column("what ran")
         cmp_table.add_column("accuracy", justify="right")
         for k, v in comparison.items():
-            cmp_table.add_row(names.get(k, f"student + {k}"), f"{v:.4f}")
+            what = "the teacher (CE)" if k == "teacher" else METHODS[k].summary
+            cmp_table.add_row("teacher" if k == "teacher" else f"student [{k}]", what, f"{v:.4f}")
         console.print(cmp_table)
     uri = result.get("tracking_uri", "")
     if reg:

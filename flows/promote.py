@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 from flows import cli as flow_cli
 from gkd_core.cli_support import load_params_checked, run_cli
 from tasks import promote as promote_rule
+from tasks import handoff
 from tasks.cli import configure_logging
 from tasks.paths import PARAMS_FILE, StagePaths
 from tasks.promote import REFUSED_EXIT_CODE
@@ -29,13 +30,13 @@ logger = logging.getLogger(__name__)
 
 
 @flow(name="gkd-promote")
-def promote(project_dir: str = ".") -> dict[str, Any]:
+def promote(project_dir: Optional[str] = None) -> dict[str, Any]:
     """Run the promotion rule once; returns the decision record (``decision``: promoted | refused | unchanged)."""
     # imported here: flows.prefect_tasks loads every task module (registration, sweep: onnx, pandas, scipy),
     # seconds that the command line's direct path (no flow run) does not need
     from flows.prefect_tasks import promote_task
 
-    root = Path(project_dir).resolve()
+    root = handoff.project_dir(project_dir)
     load_params_checked(root / PARAMS_FILE, check_dataset=False)  # fail fast on bad params
     record = promote_task(StagePaths(root))
     get_run_logger().info("promotion %s: %s", record["decision"], record["reason"])

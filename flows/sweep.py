@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import typer
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.deployments import run_deployment
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner
 from rich.console import Console
@@ -32,12 +33,16 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flows import cli as flow_cli
-from flows.prefect_tasks import sweep_point_task
+from flows.prefect_tasks import stage_options, sweep_point_task
 from gkd_core.cli_support import UserError, load_params_checked, parse_overrides, run_cli
-from tasks import tracking
+from tasks import handoff, tracking
 from tasks.cli import configure_logging
-from tasks.paths import PARAMS_FILE
-from tasks.sweep import SweepSpec, compare, load_preset, shared_stages, sweep_root, write_comparison, write_sweep_params
+from tasks.dvc_ops import StageFailed
+from tasks.paths import PARAMS_FILE, StagePaths
+from tasks.sweep import (
+    POINTS, SHARED_FILES, SWEEP_DIR, SweepSpec, compare, load_preset, point_figures, point_reports, shared_stages,
+    sweep_point, sweep_root, write_comparison, write_sweep_params,
+)
 
 logger = logging.getLogger(__name__)
 DEFAULT_METHODS = ("none", "kd", "gompertz")
@@ -45,13 +50,55 @@ DEFAULT_SEEDS = (0, 1, 2)
 MULTI_VALUE = ("--methods", "--seeds")
 
 
+SWEEP_POINT_DEPLOYMENT = "gkd-sweep-point/gpu"
+
+
+@flow(name="gkd-sweep-point")
+def sweep_point_flow(sweep_name: str, arm: str, seed: int, exchange: str, project_dir: Optional[str] = None,
+                     parent_run_id: Optional[str] = None, git_commit: Optional[str] = None) -> dict[str, Any]:
+    """One sweep point on a GPU worker: its checkout at ``git_commit``, the sweep's shared files (params, data,
+    teacher) fetched from ``exchange``, the point distilled and evaluated, its reports sent back there."""
+    root = handoff.project_dir(project_dir)
+    if git_commit:
+        handoff.checkout(root, git_commit)
+    folder = root / SWEEP_DIR / sweep_name
+    ex = handoff.Exchange(exchange)
+    ex.get(folder, list(SHARED_FILES))
+    point = sweep_point(arm, seed, str(folder), parent_run_id)
+    ex.put(folder, point_reports(arm, seed))
+    return point
+
+
+@task(name="sweep-point-on-gpu", **{k: v for k, v in stage_options("distill_student").items()
+                                    if k not in ("name", "tags")})
+def dispatch_point(spec_name: str, arm: str, seed: int, exchange: str, folder: str, parent_run_id: Optional[str],
+                   git_commit: str) -> dict[str, Any]:
+    """Run one point on the gpu pool and wait; its reports come back through the exchange."""
+    run = run_deployment(SWEEP_POINT_DEPLOYMENT, timeout=None, parameters={
+        "sweep_name": spec_name, "arm": arm, "seed": seed, "exchange": exchange, "parent_run_id": parent_run_id,
+        "git_commit": git_commit})
+    if not run.state or not run.state.is_completed():
+        state = run.state.name if run.state else "without a state"
+        raise StageFailed(f"{arm}-seed{seed}", f"sweep point {arm}-seed{seed} on the gpu pool ended {state}: "
+                          f"{(run.state.message or '') if run.state else ''}", "gpu_run", None, retryable=True)
+    handoff.Exchange(exchange).get(Path(folder), point_reports(arm, seed))
+    return point_figures(arm, seed, StagePaths(Path(folder), Path(POINTS) / f"{arm}-seed{seed}"), skipped=False)
+
+
 @flow(name="gkd-sweep", task_runner=ProcessPoolTaskRunner(max_workers=2))
-def sweep(spec: SweepSpec, project_dir: str = ".", threads_per_worker: Optional[int] = None,
-          show_progress: bool = False) -> dict[str, Any]:
-    """Run the sweep ``spec``; returns ``{"parent_run_id", "points", "files", "table"}``. Use
-    ``sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))`` for another parallelism."""
+def sweep(spec: Optional[SweepSpec] = None, project_dir: Optional[str] = None,
+          threads_per_worker: Optional[int] = None, show_progress: bool = False,
+          preset: Optional[str] = None, gpu_dispatch: str = "local") -> dict[str, Any]:
+    """Run the sweep ``spec`` (or the preset ``preset``); returns ``{"parent_run_id", "points", "files",
+    "table"}``. Use ``sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))`` for another
+    parallelism. ``gpu_dispatch="deployment"`` runs every point on the gpu pool (``gkd-sweep-point/gpu``): the
+    shared data and teacher travel through ``<DVC remote>/gkd-sweeps/<name>/``, the points' reports back."""
     log = get_run_logger()
-    root = Path(project_dir).resolve()
+    root = handoff.project_dir(project_dir)
+    if spec is None:
+        if not preset:
+            raise UserError("a sweep needs a spec or a preset name")
+        spec = load_preset(root, preset)
     # the points' stages run in the sweep's folder but log to the project's store (under this parent run);
     # set before any point process starts, so they inherit it
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))
@@ -65,8 +112,19 @@ def sweep(spec: SweepSpec, project_dir: str = ".", threads_per_worker: Optional[
         shared = shared_stages(root, spec, parent)
         log.info("sweep %s: data and teacher %s (teacher test accuracy %.4f)", spec.name,
                  "prepared now" if shared["ran"] else "reused", shared["teacher"].get("test_accuracy", float("nan")))
-        futures = [sweep_point_task.submit(arm, seed, str(folder), parent, threads_per_worker)
-                   for arm in spec.arms for seed in spec.seeds]
+        if gpu_dispatch == "deployment":
+            url = handoff.remote_url(root)
+            if url is None:
+                raise UserError("gpu_dispatch='deployment' sends the sweep's data through the DVC remote, and none "
+                                "is set: `dvc remote add -d <name> <url>`")
+            exchange = f"{url.rstrip('/')}/gkd-sweeps/{spec.name}"
+            handoff.Exchange(exchange).put(folder, list(SHARED_FILES))
+            commit = handoff.pinned_commit(root)
+            futures = [dispatch_point.submit(spec.name, arm, seed, exchange, str(folder), parent, commit)
+                       for arm in spec.arms for seed in spec.seeds]
+        else:
+            futures = [sweep_point_task.submit(arm, seed, str(folder), parent, threads_per_worker)
+                       for arm in spec.arms for seed in spec.seeds]
         points = []
         with _progress(show_progress) as bar:
             task = bar.add_task(f"sweep {spec.name}", total=len(futures))
@@ -137,6 +195,7 @@ def main(
     reference: Optional[str] = typer.Option(None, help="the arm paired differences are taken against (default kd)"),
     project_dir: Path = typer.Option(Path("."), help="the project folder (params.yaml, sweeps.yaml)"),
     workers: int = typer.Option(2, min=1, help="points run in parallel (processes)"),
+    gpu_dispatch: str = typer.Option("local", help="local | deployment (points on the gpu work pool)"),
 ) -> None:
     """Run a sweep of arms x seeds and print the comparison table."""
     flow_cli.install()
@@ -146,6 +205,8 @@ def main(
     def checked() -> SweepSpec:
         if not (root / PARAMS_FILE).is_file():
             raise UserError(f"{root / PARAMS_FILE}: not found (is {root} the project folder?)")
+        if gpu_dispatch not in ("local", "deployment"):
+            raise UserError(f"--gpu-dispatch must be local or deployment, got {gpu_dispatch!r}")
         spec = build_spec(root, preset, methods, seeds, overrides, name, reference)
         write_sweep_params(root, spec)
         return spec
@@ -153,7 +214,7 @@ def main(
     spec = run_cli(checked, report=logger.error)
     threads = max(1, (os.cpu_count() or 1) // workers)
     result = flow_cli.run_flow(lambda: sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
-        spec, str(root), threads, show_progress=True), "sweep")
+        spec, str(root), threads, show_progress=True, gpu_dispatch=gpu_dispatch), "sweep")
     Console().print(Markdown(Path(result["files"]["md"]).read_text()))
 
 

@@ -4,6 +4,11 @@ A checkpoint holds the trainable's state (its schedule included), the optimizer,
 position, the python/numpy/torch RNG states and the history, in plain types and tensors, so
 :func:`load_checkpoint` reads it with ``weights_only=True`` (:func:`gkd_core.io.safe_torch_load`). A checkpoint
 carries its run's fingerprint; one from another run configuration is ignored (the run starts fresh).
+
+Several processes: rank 0 writes it and reads it back (the engine broadcasts it). Its state is that of the
+whole run, not of a rank: the epoch plan is global and sharded afresh, the trainable's weights and optimizer
+state are the same on every rank, the RNG states are rank 0's (nothing in a training step draws from the
+global generators), so a run can resume with another number of processes (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -39,6 +44,7 @@ class Checkpointing:
     path: Path
     fingerprint: str = ""
     resume: bool = True
+    on_save: Optional[Callable[[Path], None]] = None  # told after each checkpoint is written (e.g. to mirror it)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -65,19 +71,21 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 def save_checkpoint(path: str | os.PathLike, *, fingerprint: str, epoch: int, trainable: Any,
                     optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any,
-                    history: list[dict[str, float]], best: Optional[Mapping[str, Any]] = None) -> None:
+                    history: list[dict[str, float]], best: Optional[Mapping[str, Any]] = None,
+                    world_size: int = 1) -> None:
     """Write the full training state after ``epoch`` epochs, atomically (``best``: the best validation
-    epoch so far, its accuracy and the student's weights then)."""
-    torch_save(
-        {
-            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
-            "trainable": trainable.training_state(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "loader": loader.state_dict() if hasattr(loader, "state_dict") else {},
-            "rng": _rng_state(), "history": history, "best": dict(best or {}),
-        },
-        path,
-    )
+    epoch so far, its accuracy and the student's weights then; ``world_size``: the processes that trained it,
+    recorded when more than one, for the log of a resume)."""
+    state = {
+        "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
+        "trainable": trainable.training_state(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "loader": loader.state_dict() if hasattr(loader, "state_dict") else {},
+        "rng": _rng_state(), "history": history, "best": dict(best or {}),
+    }
+    if world_size > 1:
+        state["world_size"] = int(world_size)
+    torch_save(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike, fingerprint: str) -> Optional[dict[str, Any]]:

@@ -9,7 +9,9 @@
     gkd schedules --params params.yaml --out reports/schedules.png
 
 Bad input (params, dataset paths, model names) ends with one clear message and exit code 2 before any
-compute; outputs are written atomically, so a failed command leaves nothing half-written.
+compute; outputs are written atomically, so a failed command leaves nothing half-written. ``train-teacher``
+and ``distill`` run under torchrun too (``torchrun --nproc-per-node 4 -m gkd_core.cli distill ...``): every
+process trains, rank 0 writes.
 
 This module needs no MLflow (``python -m gkd_core.cli``): ``predict`` reads local model files. The installed
 ``gkd`` command is tasks/gkd.py's app: these same commands, built by :func:`build_app` with a model opener
@@ -27,6 +29,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from gkd_core import distributed
 from gkd_core.cli_support import UserError, load_params_checked, parse_overrides, run_cli
 from gkd_core.config import ConfigError, load_params
 from gkd_core.data import DatasetError, PreparedData, load_prepared, prepare_dataset, save_prepared
@@ -102,6 +105,10 @@ def train_teacher_cmd(params_path: Path = ParamsOpt, data: Optional[Path] = Data
         params = load_checked(params_path, overrides)
         prepared = load_or_prepare(params, data)
         result = train_teacher(params, prepared, checkpoint_path=checkpoint)
+        main = distributed.is_main()
+        distributed.shutdown()  # under torchrun: every rank has the trained model; rank 0 writes it
+        if not main:
+            return
         save_model(result.model, params.teacher.model, prepared, out, extra=result.summary)
         test = evaluate_model(result.model, prepared, "test", device=params.runtime.device)
         logger.info("teacher: val %.4f, test %.4f -> %s", result.summary["final_val_accuracy"], test["accuracy"], out)
@@ -125,6 +132,10 @@ def distill(params_path: Path = ParamsOpt, data: Optional[Path] = DataOpt,
         if method_spec(params.method.name).needs_teacher:
             teacher_model = read_checked_model(teacher, "teacher", prepared)
         result = distill_student(params, prepared, teacher_model, checkpoint_path=checkpoint)
+        main = distributed.is_main()
+        distributed.shutdown()  # under torchrun: every rank has the trained model; rank 0 writes it
+        if not main:
+            return
         save_model(result.model, params.student.model, prepared, out, extra=result.summary)
         test = evaluate_model(result.model, prepared, "test", device=params.runtime.device)
         logger.info("student [%s]: val %.4f, test %.4f -> %s", params.method.name,

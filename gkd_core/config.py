@@ -74,6 +74,28 @@ class ParamsBase(Strict):
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
 
     @model_validator(mode="after")
+    def _processes_can_share_the_work(self) -> "ParamsBase":
+        rt, problems = self.runtime, []
+        for section in ("teacher", "student"):
+            batch = getattr(self, section).train.batch_size
+            if rt.nproc > 1 and batch % rt.nproc:
+                problems.append(
+                    f"{section}.train.batch_size = {batch} is not a multiple of runtime.nproc = {rt.nproc} (the batch "
+                    "size is the global batch of one optimizer step; each process takes batch_size / nproc images)"
+                )
+        method = getattr(self, "method", None)
+        gm_weight = method_weights(method).get("grad_match", 0.0) if method is not None else 0.0
+        if rt.sync_batchnorm and gm_weight > 0 and self.losses.grad_match.variant == "input":
+            problems.append(
+                "runtime.sync_batchnorm = true with input-gradient matching (losses.grad_match.variant = 'input'): "
+                "torch.nn.SyncBatchNorm has no double backward (its backward all-reduces outside autograd); use "
+                "variant 'logit' or sync_batchnorm false"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _teacher_cache_is_possible(self) -> "ParamsBase":
         if not self.runtime.cache_teacher:
             return self

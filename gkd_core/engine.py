@@ -17,6 +17,12 @@ as uint8, batched augmentation), the step runs under bf16 autocast, every 4-D we
 optimizer is the fused kernel, ``compile=True`` asks the trainable to compile its networks, and the only host
 reads are the per-epoch metric sums and the finiteness flag. A loader built ``with_index=True`` yields
 ``(x, y, idx)``; ``idx`` is passed on as ``trainable(..., index=idx)`` (a cached teacher reads it).
+
+Several processes (an initialised process group, :mod:`gkd_core.distributed`; the loaders yield each rank's
+share): the trainable's learnable parts train under ``DistributedDataParallel`` (``trainable.distribute``, or
+DDP around the whole module for a trainable without it), epoch sums and counts and the validation counts are
+all-reduced, the finiteness check stops every rank at the same step, rank 0 alone writes checkpoints and
+calls the callbacks, and a checkpoint is read by rank 0 and broadcast.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gkd_core import distributed
 from gkd_core.checkpoints import Checkpointing, load_checkpoint, restore_checkpoint, save_checkpoint
 from gkd_core.guard import NonFiniteGuard, NonFiniteLossError
 from gkd_core.progress import TrainingProgress
@@ -63,6 +70,8 @@ class Trainable(Protocol):
     - ``end_epoch(progress, row)``: told each finished epoch's row (validation included) at its progress, before
       the checkpoint is written (an adaptive schedule learns from it).
     - optional ``shown_metric_names``: the history columns the epoch log line shows (default: all).
+    - optionally ``distribute(wrap)`` / ``undistribute()``: route its learnable parts through ``wrap(module)``
+      (DistributedDataParallel) for a multi-process run, and back (see :class:`gkd_core.methods.Distiller`).
     """
 
     student: nn.Module
@@ -92,8 +101,8 @@ class FitOptions:
     progress: str = "step"  # granularity of the training progress p: step | epoch
     progress_bar: bool | str = "auto"  # rich bar (gkd_core.progress): True | False | "auto" (stderr is a terminal)
     desc: str = "train"
-    callbacks: Sequence[Callback] = ()
-    checkpoint: Optional[Checkpointing] = None
+    callbacks: Sequence[Callback] = ()  # called on rank 0 only when several processes train
+    checkpoint: Optional[Checkpointing] = None  # written by rank 0 only
     guard: str = "auto"  # finiteness guard: sync (host read per step) | device (fused skip) | auto (see gkd_core.guard)
     guard_every: int = 50  # device guard: steps between host reads of its flag
     stop_after_epochs: Optional[int] = None  # end early, as a crash would (resume tests, time-boxed runs)
@@ -200,15 +209,28 @@ def predict(
         logits.append(out.float())
         labels.append(y.to(device, non_blocking=True))
     model.train(was_training)
+    if not logits:  # an evaluation share with no image (a rank of more processes than images)
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
     return torch.cat(logits).cpu(), torch.cat(labels).cpu()
 
 
 def evaluate(
     model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-    amp: bool = True, channels_last: bool = False,
+    amp: bool = True, channels_last: bool = False, reduce: bool = False,
 ) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of ``model`` over a loader (one host sync at the end)."""
+    """Top-1 accuracy and mean cross-entropy of ``model`` over a loader (one host sync at the end).
+
+    ``reduce``: the loader is this rank's share of the split; counts and loss sums are all-reduced, so every
+    rank gets the figures of the whole split."""
     logits, y = predict(model, loader, device, amp=amp, channels_last=channels_last)
+    if reduce:
+        sums = torch.zeros(3, dtype=torch.float64)
+        if len(y):
+            sums[0] = float((logits.argmax(1) == y).sum())
+            sums[1] = nn.functional.cross_entropy(logits, y, reduction="sum").double()
+            sums[2] = len(y)
+        correct, loss, n = distributed.sum_over_ranks(sums.to(device)).tolist()
+        return {"accuracy": correct / n if n else float("nan"), "loss": loss / n if n else float("nan")}
     return {
         "accuracy": (logits.argmax(1) == y).float().mean().item() if len(y) else float("nan"),
         "loss": nn.functional.cross_entropy(logits, y).item() if len(y) else float("nan"),
@@ -227,6 +249,8 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
     """
     opt = options or FitOptions()
     device = opt.device
+    ddp = distributed.active()
+    main = not ddp or distributed.is_main()  # rank 0 writes and reports
     trainable.to(device)
     if opt.channels_last:
         # every 4-D weight (student, teacher, helper networks): a conv whose weight and input formats differ
@@ -247,27 +271,46 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
     best: dict[str, Any] = {"epoch": None, "accuracy": -math.inf, "state": None}
     ckpt = opt.checkpoint
     if ckpt is not None and ckpt.resume:
-        state = load_checkpoint(ckpt.path, ckpt.fingerprint)
+        state = load_checkpoint(ckpt.path, ckpt.fingerprint) if main else None
+        if ddp:  # rank 0's file (other nodes need not see it), on every rank
+            state = distributed.broadcast_object(state)
         if state is not None:
             start_epoch, history = restore_checkpoint(state, trainable, optimizer, scheduler, train_loader)
             best = dict(state.get("best") or best)
             resumed_from = start_epoch
             logger.info("resumed %s from %s at epoch %d/%d", opt.desc, ckpt.path, start_epoch, cfg.epochs)
+            if int(state.get("world_size", 1)) != distributed.world_size():
+                logger.info("the checkpoint was written by %s process(es), this run has %d: the same global batches "
+                            "and steps, numerically equal up to round-off and per-process BatchNorm statistics",
+                            state.get("world_size", 1), distributed.world_size())
     if opt.compile:
         trainable.compile_networks()
+    step_module: Any = trainable  # what each step calls
+    if ddp:
+        wrap = lambda module: distributed.wrap(module, device)  # noqa: E731
+        if hasattr(trainable, "distribute"):
+            trainable.distribute(wrap)  # DDP around the learnable parts; the frozen teacher stays outside
+        else:
+            step_module = wrap(trainable)
+        val_batches = torch.tensor([len(val_loader) if val_loader is not None else 0], device=device)
+        has_val_split = int(distributed.sum_over_ranks(val_batches).item()) > 0
+    else:
+        has_val_split = val_loader is not None and len(val_loader) > 0
 
     loss_column = dict(trainable.metric_names)["total"]
-    bar = TrainingProgress(opt.desc, cfg.epochs, steps_per_epoch, start_epoch, opt.progress_bar)
+    bar = TrainingProgress(opt.desc, cfg.epochs, steps_per_epoch, start_epoch, opt.progress_bar if main else False)
     hidden = _hidden_columns(trainable)
     n_images, t_train = 0, 0.0
     last_epoch = cfg.epochs if opt.stop_after_epochs is None else min(cfg.epochs, start_epoch + opt.stop_after_epochs)
     try:
         for epoch in range(start_epoch, last_epoch):
-            row, seen, seconds = _run_epoch(trainable, train_loader, optimizer, scheduler, cfg, opt, epoch,
-                                            total_steps, bar)
-            has_val = val_loader is not None and len(val_loader) > 0
-            if has_val and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                ev = evaluate(trainable.student, val_loader, device, amp=opt.amp, channels_last=opt.channels_last)
+            row, seen, seconds = _run_epoch(trainable, step_module, train_loader, optimizer, scheduler, cfg, opt,
+                                            epoch, total_steps, bar)
+            if ddp:  # every rank holds rank 0's model (BatchNorm statistics included): the one evaluated and saved
+                distributed.broadcast_buffers([trainable.student])
+            if has_val_split and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                ev = evaluate(trainable.student, val_loader, device, amp=opt.amp, channels_last=opt.channels_last,
+                              reduce=ddp)
                 row["val_accuracy"], row["val_loss"] = ev["accuracy"], ev["loss"]
                 if ev["accuracy"] > best["accuracy"]:
                     best = {"epoch": epoch + 1, "accuracy": ev["accuracy"], "state": _cpu_state(trainable.student)}
@@ -278,18 +321,23 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
             n_images += seen
             t_train += seconds
             history.append(row)
-            logger.info("%s epoch %d/%d %s", opt.desc, epoch + 1, cfg.epochs, _fmt(row, hidden))
+            if main:
+                logger.info("%s epoch %d/%d %s", opt.desc, epoch + 1, cfg.epochs, _fmt(row, hidden))
             bar.end_epoch(epoch + 1, row[loss_column], row.get("val_accuracy"))
-            for cb in opt.callbacks:
+            for cb in opt.callbacks if main else ():
                 for name, value in row.items():
                     if name != "epoch":
                         cb(name, float(value), epoch + 1)
-            if ckpt is not None:
+            if ckpt is not None and main:
                 save_checkpoint(ckpt.path, fingerprint=ckpt.fingerprint, epoch=epoch + 1, trainable=trainable,
                                 optimizer=optimizer, scheduler=scheduler, loader=train_loader, history=history,
-                                best=best)
+                                best=best, world_size=distributed.world_size())
+                if ckpt.on_save is not None:
+                    ckpt.on_save(ckpt.path)
     finally:
         bar.close()
+        if ddp and hasattr(trainable, "undistribute"):
+            trainable.undistribute()
 
     vals = [r["val_accuracy"] for r in history if "val_accuracy" in r]
     return FitResult(
@@ -305,11 +353,12 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
     )
 
 
-def _run_epoch(trainable: Trainable, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-               cfg: TrainConfig, opt: FitOptions, epoch: int, total_steps: int,
+def _run_epoch(trainable: Trainable, step_module: Any, loader: Any, optimizer: torch.optim.Optimizer,
+               scheduler: Any, cfg: TrainConfig, opt: FitOptions, epoch: int, total_steps: int,
                bar: Any) -> tuple[dict[str, float], int, float]:
-    """One epoch of steps; returns the epoch's row (lr, means of ``trainable.metric_names``, accuracy), the
-    number of images seen and the seconds it took."""
+    """One epoch of steps (each calls ``step_module``: the trainable, or DDP around it); returns the epoch's row
+    (lr, means of ``trainable.metric_names``, accuracy over every rank), the number of images seen (by every
+    rank) and the seconds it took."""
     device = opt.device
     names = dict(trainable.metric_names)
     keys = list(names)
@@ -320,7 +369,8 @@ def _run_epoch(trainable: Trainable, loader: Any, optimizer: torch.optim.Optimiz
         loader.set_epoch(epoch)
     sums = torch.zeros(len(keys) + 1, device=device)  # metrics * batch size, correct
     seen = 0  # host-side: batch sizes are shape metadata, reading them costs no sync
-    guard = NonFiniteGuard(opt.guard, device, keys, trainable.parameters(), optimizer)
+    guard = NonFiniteGuard(opt.guard, device, keys, trainable.parameters(), optimizer,
+                           any_rank=distributed.any_rank if distributed.active() else None)
     out: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):
@@ -332,7 +382,7 @@ def _run_epoch(trainable: Trainable, loader: Any, optimizer: torch.optim.Optimiz
             x = x.contiguous(memory_format=torch.channels_last)
         p = progress_at(step, epoch, total_steps, cfg.epochs, opt.progress)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = trainable(x, y, progress=p, step=step, **extra)
+            out = step_module(x, y, progress=p, step=step, **extra)
         optimizer.zero_grad(set_to_none=True)
         out["total"].backward()
         with torch.no_grad():
@@ -351,7 +401,12 @@ def _run_epoch(trainable: Trainable, loader: Any, optimizer: torch.optim.Optimiz
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     guard.check()
-    totals = sums.tolist()  # the one host read of the epoch
+    if distributed.active():  # the epoch's sums and counts over every rank
+        reduced = distributed.sum_over_ranks(torch.cat([sums.double(), torch.tensor([seen], dtype=torch.float64, device=device)]))
+        *totals, seen_all = reduced.tolist()
+        seen = int(seen_all)
+    else:
+        totals = sums.tolist()  # the one host read of the epoch
     row: dict[str, float] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
     row.update({names[k]: v / seen for k, v in zip(keys, totals)})
     row["train_accuracy"] = totals[len(keys)] / seen

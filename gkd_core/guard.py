@@ -10,6 +10,10 @@ gradient anywhere makes it non-finite). Two ways, the same contract:
   the device, from the first bad step on. Every ``guard_every`` steps (and at the end of each epoch) the flag
   is read and the run stops with the first bad step's number and values. The hot loop never waits on the host.
 
+With several processes the check is OR-ed over the ranks (one tiny all-reduce, on the device), so every rank
+skips or stops at the same step; DDP has already averaged the gradients, so a non-finite gradient on one rank
+is non-finite on all.
+
 Either way :class:`NonFiniteLossError` carries one line: the global step, which term (or the gradient) went
 non-finite, the values of every term at that step, and what to try.
 """
@@ -17,7 +21,7 @@ non-finite, the values of every term at that step, and what to try.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -36,7 +40,8 @@ class NonFiniteGuard:
     """One epoch's guard. ``keys`` are the output scalars it reports (the first is the loss, ``total``)."""
 
     def __init__(self, mode: str, device: torch.device, keys: Sequence[str], params: Iterable[torch.nn.Parameter],
-                 optimizer: torch.optim.Optimizer) -> None:
+                 optimizer: torch.optim.Optimizer,
+                 any_rank: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         if mode not in GUARD_MODES:
             raise ValueError(f"guard must be one of {', '.join(GUARD_MODES)}, got {mode!r}")
         self.mode = ("device" if device.type == "cuda" else "sync") if mode == "auto" else mode
@@ -45,6 +50,7 @@ class NonFiniteGuard:
         self.keys = list(keys)
         self.params = [p for p in params if p.requires_grad]
         self.optimizer = optimizer
+        self.any_rank = any_rank  # several processes: a 0-dim bool flag -> True on every rank if True on any
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.first_values = torch.zeros(len(self.keys) + 1, device=device)  # keys..., gradient norm
@@ -59,6 +65,8 @@ class NonFiniteGuard:
         """Call after ``backward()`` and before ``optimizer.step()``."""
         state = self._state(out)
         now_bad = ~torch.isfinite(state[0]) | ~torch.isfinite(state[-1])
+        if self.any_rank is not None:
+            now_bad = self.any_rank(now_bad)
         if self.mode == "sync":
             if bool(now_bad):
                 raise NonFiniteLossError(self._message(step, state.tolist()))
@@ -82,6 +90,8 @@ class NonFiniteGuard:
         parts = ", ".join(f"{k}={v:.4g}" for k, v in named.items())
         if broken:
             what = f"non-finite loss term {', '.join(broken)}"
+        elif math.isfinite(grad_norm):  # only possible with several processes
+            what = "a non-finite loss term on another process"
         else:
             what = f"non-finite gradient (total norm {grad_norm:.4g}) with finite loss terms"
         return f"training stopped at step {step + 1}: {what} ({parts}); {_ADVICE}"

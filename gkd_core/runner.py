@@ -2,6 +2,10 @@
 
 The CLI (``gkd``) and the pipeline's stage tasks both call these functions, so each step has one
 implementation. Everything here takes validated :class:`~gkd_core.config.Params` and plain paths.
+
+Under torchrun the training recipes join the process group (:func:`gkd_core.distributed.init_from_env`) and
+train as one of its ranks: each rank loads its share of every epoch, the student trains under DDP, and every
+rank returns the same trained model; writing it is the caller's business (rank 0's, see ``distributed.is_main``).
 """
 
 from __future__ import annotations
@@ -9,11 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from gkd_core import distributed
 from gkd_core.config import MethodConfig, ModelConfig, NetConfig, ParamsBase
 from gkd_core.data import DeviceLoader, Normalizer, PreparedData, make_loaders
 from gkd_core.engine import (
@@ -54,13 +59,20 @@ def build_net(model_cfg: ModelConfig, data: PreparedData) -> nn.Module:
 def _train(
     params: ParamsBase, data: PreparedData, net_cfg: NetConfig, method: Any, teacher: Optional[nn.Module],
     checkpoint_path: str | Path | None, callbacks: Sequence[Callback], resume: bool, desc: str,
-    stop_after_epochs: Optional[int] = None,
+    stop_after_epochs: Optional[int] = None, on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> RunResult:
     """Train ``net_cfg``'s network under ``method`` (a ``method`` section; its registry spec decides the rest)."""
     rt = params.runtime
-    device = resolve_device(rt.device)
+    device = distributed.init_from_env(resolve_device(rt.device))  # a no-op without torchrun
+    rank, world = distributed.rank(), distributed.world_size()
     seed_everything(params.seed, rt.deterministic, device)
     student = build_net(net_cfg.model, data)
+    sync_bn = world > 1 and rt.sync_batchnorm
+    if sync_bn:
+        if device.type != "cuda":
+            raise ValueError("runtime.sync_batchnorm needs CUDA: torch.nn.SyncBatchNorm has no CPU kernels "
+                             "(set it false: each process then normalises over its own share of the batch)")
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     spec = method_spec(method.name)
     if not spec.needs_teacher:
         teacher = None
@@ -84,7 +96,7 @@ def _train(
     cache = rt.cache_teacher and teacher is not None and distiller.distill
     train_loader, val_loader, _ = make_loaders(
         data, net_cfg.train, rt.loader, device, seed=params.seed, num_workers=rt.num_workers, channels_last=use_cl,
-        with_index=cache,
+        with_index=cache, rank=rank, world_size=world,
     )
     if cache:
         assert teacher is not None
@@ -101,8 +113,8 @@ def _train(
     options = FitOptions(
         device=device, amp=rt.amp, channels_last=use_cl,
         compile=rt.compile is True or (rt.compile == "auto" and device.type == "cuda"),
-        progress=method.progress, progress_bar=rt.progress_bar, desc=desc, callbacks=callbacks,
-        checkpoint=Checkpointing(Path(checkpoint_path), fingerprint, resume) if checkpoint_path else None,
+        progress=method.progress, progress_bar=rt.progress_bar and rank == 0, desc=desc, callbacks=callbacks,
+        checkpoint=Checkpointing(Path(checkpoint_path), fingerprint, resume, on_checkpoint) if checkpoint_path else None,
         stop_after_epochs=stop_after_epochs,
     )
     try:
@@ -113,6 +125,10 @@ def _train(
     distiller.remove_hooks()  # the returned network is plain: no feature hooks left for export/serving
     distiller.attach_teacher_cache(None)
     student = distiller.student.to("cpu").eval()
+    if sync_bn:  # the same weights in the plain network (BatchNorm2d), for saving, evaluation and export
+        plain = build_net(net_cfg.model, data)
+        plain.load_state_dict(student.state_dict())
+        student = plain.eval()
     if use_cl:
         student = student.to(memory_format=torch.contiguous_format)
         if teacher is not None:
@@ -134,6 +150,8 @@ def _train(
         "device": str(device),
         "parameters": sum(p.numel() for p in student.parameters()),
     }
+    if world > 1:
+        summary["processes"] = world
     summary["objective"] = describe_objective(method) if teacher is not None else "CE"
     return RunResult(model=student, history=result.history, best_model=best_model, schedule=distiller.schedule,
                      summary=summary)
@@ -145,16 +163,18 @@ _ALONE = MethodConfig(name="none")  # a network trained alone: cross-entropy, no
 def train_teacher(
     params: ParamsBase, data: PreparedData, checkpoint_path: str | Path | None = None,
     callbacks: Sequence[Callback] = (), resume: bool = True, stop_after_epochs: Optional[int] = None,
+    on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> RunResult:
-    """Train ``params.teacher`` on the prepared data with cross-entropy alone."""
+    """Train ``params.teacher`` on the prepared data with cross-entropy alone (``on_checkpoint`` is told after
+    each epoch's checkpoint is written)."""
     return _train(params, data, params.teacher, _ALONE, None, checkpoint_path, callbacks, resume, "teacher",
-                  stop_after_epochs)
+                  stop_after_epochs, on_checkpoint)
 
 
 def distill_student(
     params: ParamsBase, data: PreparedData, teacher: Optional[nn.Module], checkpoint_path: str | Path | None = None,
     callbacks: Sequence[Callback] = (), resume: bool = True, method: Any = None,
-    stop_after_epochs: Optional[int] = None,
+    stop_after_epochs: Optional[int] = None, on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> RunResult:
     """Train ``params.student`` under ``params.method`` (or ``method``, another ``method`` section) with the
     frozen ``teacher`` (ignored by a method that trains the student alone)."""
@@ -162,7 +182,7 @@ def distill_student(
     if method_spec(method.name).needs_teacher and teacher is None:
         raise ValueError(f"method {method.name!r} needs a teacher model")
     return _train(params, data, params.student, method, teacher, checkpoint_path, callbacks, resume,
-                  f"student[{method.name}]", stop_after_epochs)
+                  f"student[{method.name}]", stop_after_epochs, on_checkpoint)
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, Any]:

@@ -151,6 +151,16 @@ class RuntimeConfig(Strict):
     progress_bar: Union[bool, Literal["auto"]] = Field(
         "auto", description="rich progress bar during training; auto = when stderr is a terminal (epoch lines are "
         "logged either way)")
+    nproc: int = Field(
+        1, ge=1, le=1024,
+        description="processes for the training stages (one per GPU): > 1 relaunches the stage under torchrun "
+        "with DistributedDataParallel; train.batch_size stays the global batch of one step and must divide by it",
+    )
+    sync_batchnorm: bool = Field(
+        False,
+        description="with several processes: the student's BatchNorm normalises over the global batch "
+        "(torch.nn.SyncBatchNorm, CUDA only); false: each process over its own share",
+    )
 
     @field_validator("device")
     @classmethod

@@ -8,6 +8,9 @@ Every app has the shared options ``--params/-p``, ``--set/-S`` (repeatable), ``-
 (env ``GKD_MLFLOW_PARENT_RUN_ID``) and ``--verbose/-v``, and calls
 ``stage(StagePaths(".", out_dir), params_path=..., overrides=..., parent_run_id=..., **extras)``. Bad input
 (:class:`gkd_core.cli_support.UserError`) ends with one message on stderr and exit code 2, nothing written.
+
+A training stage (``stage_app(..., distributed=True)``) with ``runtime.nproc > 1`` relaunches itself under
+torchrun with that many processes (:mod:`tasks.launch`); under torchrun, ranks other than 0 log warnings only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any, Callable, Optional
 import typer
 
 from gkd_core.cli_support import parse_overrides, run_cli
+from gkd_core.distributed import rank as process_rank, shutdown as leave_process_group
+from tasks import launch
 from tasks.paths import PARAMS_FILE, StagePaths
 from tasks.tracking import PARENT_ENV
 
@@ -29,10 +34,13 @@ QUIET_LOGGERS = ("alembic", "urllib3", "matplotlib", "PIL", "git", "httpx", "fil
 
 
 def configure_logging(verbose: bool = False) -> None:
-    """Plain stderr logging for stage and flow processes (DVC and Prefect capture and show it as is)."""
+    """Plain stderr logging for stage and flow processes (DVC and Prefect capture and show it as is); a torchrun
+    worker of rank > 0 logs warnings and errors only, marked with its rank."""
+    rank = process_rank() if launch.under_torchrun() else 0
+    level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        level=level if rank == 0 else max(level, logging.WARNING),
+        format="%(asctime)s %(levelname)-7s " + (f"[rank {rank}] " if rank else "") + "%(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
         force=True,
@@ -63,20 +71,34 @@ SHARED_OPTIONS = (
 )
 
 
-def stage_app(stage: Callable[..., Any], doc: Optional[str], *extras: inspect.Parameter) -> typer.Typer:
+def stage_app(stage: Callable[..., Any], doc: Optional[str], *extras: inspect.Parameter,
+              distributed: bool = False) -> typer.Typer:
     """The typer app of ``stage``: the shared options plus ``extras`` (see :func:`option`); help from the
-    first paragraph of ``doc`` (the stage module's docstring)."""
+    first paragraph of ``doc`` (the stage module's docstring). ``distributed``: a training stage, run on
+    ``runtime.nproc`` processes (see the module docstring)."""
     summary = (doc or stage.__name__).split("\n\n")[0]
 
     def command(params_path: Path, overrides: Optional[list[str]], out_dir: Optional[Path],
                 parent_run_id: Optional[str], verbose: bool, **extra: Any) -> None:
         configure_logging(verbose)
+        if distributed and not launch.under_torchrun():
+            nproc = run_cli(lambda: launch.processes_to_launch(params_path, parse_overrides(overrides)),
+                            report=logger.error)
+            if nproc > 1:
+                argv = launch.stage_argv(params_path, overrides, out_dir, parent_run_id, verbose, extra)
+                code = launch.relaunch(nproc, launch.stage_module(stage), argv)
+                if code:
+                    raise typer.Exit(code)
+                return
         run_cli(lambda: stage(StagePaths(Path("."), out_dir), params_path=params_path,
                               overrides=parse_overrides(overrides), parent_run_id=parent_run_id, **extra),
                 report=logger.error)
+        if distributed:
+            leave_process_group()  # after a finished run on every rank (a no-op in one process)
 
     command.__signature__ = inspect.Signature([*SHARED_OPTIONS, *extras])  # typer reads the options from it
     command.__doc__ = summary
     app = typer.Typer(add_completion=False, help=summary)
     app.command()(command)
     return app
+

@@ -6,7 +6,8 @@
     #    reports/plots/schedule.csv, schedule.png (the distillation weight w(p) the student trained under)
 
 The per-epoch history includes the distillation weight (column ``weight``), so `dvc plots` and MLflow show
-the schedule over training. An interrupted run resumes from its checkpoint under checkpoints/.
+the schedule over training. An interrupted run resumes from its checkpoint under checkpoints/. With
+``runtime.nproc > 1`` it trains on that many processes (torchrun + DDP, tasks/launch.py); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from gkd_core import runner
+from gkd_core import distributed, runner
 from gkd_core.cli_support import load_params_checked
 from gkd_core.plots import plot_schedules
 from gkd_core.methods import method_spec
 from gkd_core.schedules import schedule_curve
 from tasks import tracking
 from tasks.cli import stage_app
+from tasks.handoff import CheckpointMirror
 from tasks.inputs import load_model_checked, load_prepared_checked
 from tasks.paths import (
     PARAMS_FILE, PREPARED, SCHEDULE_CSV, SCHEDULE_PNG, STUDENT, STUDENT_CURVES, STUDENT_HISTORY, STUDENT_REPORT,
@@ -51,9 +53,16 @@ def distill_student(
         teacher, _ = load_model_checked(paths.input(TEACHER), "teacher", "train_teacher", data, params.teacher.model,
                                         "teacher.model")
     ckpt = paths.checkpoint(f"student-{params.method.name}-seed{params.seed}", data)
+    if not distributed.is_main():  # a torchrun worker of rank > 0: the same training; rank 0 writes and logs
+        runner.distill_student(params, data, teacher, checkpoint_path=ckpt)
+        return {}
+    mirror = CheckpointMirror.from_env()
+    if mirror is not None:
+        mirror.fetch(ckpt)
     with tracking.stage_run(STAGE, paths.root, parent_run_id, params=params, run_name=run_name,
                             tags={"method": params.method.name, "seed": str(params.seed)}) as run:
-        result = runner.distill_student(params, data, teacher, checkpoint_path=ckpt, callbacks=[run.callback])
+        result = runner.distill_student(params, data, teacher, checkpoint_path=ckpt, callbacks=[run.callback],
+                                        on_checkpoint=mirror.push if mirror else None)
         test = runner.evaluate_model(result.model, data, "test", teacher=teacher, device=params.runtime.device)
         schedule = result.schedule  # as trained (an adaptive schedule's final timing)
         metrics = {
@@ -76,12 +85,14 @@ def distill_student(
         write_report(paths.output(STUDENT_REPORT), metrics)
         tracking.log_stage_files(run, STAGES[STAGE], paths)
     ckpt.unlink(missing_ok=True)
+    if mirror is not None:
+        mirror.remove(ckpt)
     logger.info("student %s [%s]: val %.4f, test %.4f -> %s", params.student.model.name, params.method.name,
                 metrics["final_val_accuracy"], metrics["test_accuracy"], paths.output(STUDENT))
     return metrics
 
 
-app = stage_app(distill_student, __doc__)
+app = stage_app(distill_student, __doc__, distributed=True)
 
 if __name__ == "__main__":
     app()

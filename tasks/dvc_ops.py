@@ -114,6 +114,7 @@ def run_stage(root: str | os.PathLike, stage: str, parent_run_id: Optional[str] 
     """Reproduce one stage through DVC. With a parent MLflow run, a stage that ran logged its own nested
     run (live); one that DVC skipped gets a nested run replayed from its outputs (``cached=true``)."""
     t0 = time.perf_counter()
+    logger.info("stage %s: dvc repro (runs it if its deps, params or outputs changed)", stage)
     fd, error_file = tempfile.mkstemp(prefix=f"gkd-{stage}-", suffix=".json")
     os.close(fd)
     os.unlink(error_file)  # the stage writes it only when it fails with a known cause

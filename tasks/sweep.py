@@ -38,7 +38,7 @@ from tasks.distill_student import distill_student
 from tasks.evaluate import evaluate
 from tasks.paths import DATA_REPORT, EVALUATE_REPORT, PARAMS_FILE, STUDENT_REPORT, TEACHER_REPORT, StagePaths
 from tasks.prepare_data import prepare_data
-from tasks.reports import read_json, read_report
+from tasks.reports import info_path, read_json, read_report
 from tasks.train_teacher import train_teacher
 
 logger = logging.getLogger(__name__)
@@ -120,21 +120,34 @@ def write_sweep_params(root: Path, spec: SweepSpec) -> Path:
 
 
 def _fingerprint(params_file: Path, keys: Sequence[str], extra: Mapping[str, Any]) -> str:
+    """A hash of the params at dotted ``keys`` (and ``extra``): what an output depends on."""
     data = yaml.safe_load(params_file.read_text()) or {}
-    picked = {k: data.get(k) for k in keys}
+
+    def at(key: str) -> Any:
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node
+
+    picked = {k: at(k) for k in keys}
     blob = json.dumps({**picked, **extra}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _done(report: Path, fingerprint: str) -> bool:
     try:
-        return read_json(report).get("sweep_fingerprint") == fingerprint
+        return read_report(report).get("sweep_fingerprint") == fingerprint
     except (OSError, ValueError):
         return False
 
 
 def _stamp(report: Path, fingerprint: str) -> None:
-    write_json(report, {**read_json(report), "sweep_fingerprint": fingerprint})
+    """Mark ``report``'s stage as done for ``fingerprint`` (in its companion: the metrics file holds numbers)."""
+    info = info_path(report)
+    write_json(info, {**(read_json(info) if info.is_file() else {}), "sweep_fingerprint": fingerprint})
+
+
+TEACHER_RUNTIME = ("runtime.device", "runtime.amp", "runtime.deterministic", "runtime.channels_last")
 
 
 def shared_stages(root: Path, spec: SweepSpec, parent_run_id: Optional[str] = None) -> dict[str, Any]:
@@ -143,7 +156,7 @@ def shared_stages(root: Path, spec: SweepSpec, parent_run_id: Optional[str] = No
     params_file = folder / PARAMS_FILE
     paths = StagePaths(folder)
     data_fp = _fingerprint(params_file, ("seed", "dataset"), {})
-    teacher_fp = _fingerprint(params_file, ("seed", "dataset", "teacher", "runtime"), {})
+    teacher_fp = _fingerprint(params_file, ("seed", "dataset", "teacher", *TEACHER_RUNTIME), {})
     done = {"prepare_data": _done(paths.output(DATA_REPORT), data_fp),
             "train_teacher": _done(paths.output(TEACHER_REPORT), teacher_fp)}
     if not done["prepare_data"]:
@@ -173,12 +186,27 @@ def sweep_point(arm: str, seed: int, folder: str, parent_run_id: Optional[str] =
     params_file = Path(folder) / PARAMS_FILE
     overrides = {"method.name": arm, "seed": seed}
     fp = _fingerprint(params_file, ("dataset", "teacher", "student", "method", "losses", "runtime"),
-                      {"arm": arm, "seed": seed, "data": read_json(paths.root / DATA_REPORT).get("hash")})
+                      {"arm": arm, "seed": seed, "data": read_report(paths.root / DATA_REPORT).get("hash")})
     skipped = _done(paths.output(EVALUATE_REPORT), fp)
     if not skipped:
         distill_student(paths, PARAMS_FILE, overrides, parent_run_id, run_name=name)
         evaluate(paths, PARAMS_FILE, overrides, parent_run_id, run_name=f"{name}-evaluate")
         _stamp(paths.output(EVALUATE_REPORT), fp)
+    return point_figures(arm, seed, paths, skipped)
+
+
+SHARED_FILES = (PARAMS_FILE, "data/prepared.pt", "models/teacher.pt",
+                *(rel for report in (DATA_REPORT, TEACHER_REPORT) for rel in (report, info_path(report).as_posix())))
+
+
+def point_reports(arm: str, seed: int, points_dir: str = POINTS) -> list[str]:
+    """A point's report files, relative to its sweep folder (what travels back from a GPU worker)."""
+    return [f"{points_dir}/{point_name(arm, seed)}/{rel}" for report in (STUDENT_REPORT, EVALUATE_REPORT)
+            for rel in (report, info_path(report).as_posix())]
+
+
+def point_figures(arm: str, seed: int, paths: StagePaths, skipped: bool) -> dict[str, Any]:
+    """The figures the comparison reads, from a point's reports."""
     train, ev = read_report(paths.output(STUDENT_REPORT)), read_report(paths.output(EVALUATE_REPORT))
     return {
         "arm": arm, "seed": seed, "dir": str(paths.out_dir), "skipped": skipped,
@@ -278,7 +306,7 @@ def comparison_markdown(table: Mapping[str, Any]) -> str:
         lines.append(
             f"| `{r['arm']}` | {r['n']} | {_pm(r['test_accuracy'])} | {_pm(r['best_val_test_accuracy'])} | "
             f"{_diff(vs.get('test_accuracy'))} | {_diff(vs.get('best_val_test_accuracy'))} | "
-            f"{_pm(r['agreement'], 3)} | {_pm(r['test_ece'], 3)} | {_pm(r['train_seconds'], 0)} |")
+            f"{_pm(r['agreement'], 3)} | {_pm(r['test_ece'], 3)} | {_pm(r['train_seconds'], 1)} |")
     lines += ["", "Objectives as run:", ""]
     lines += [f"- `{r['arm']}`: {r['objective'] or '-'}" for r in table["arms"]]
     hw = table["hardware"]

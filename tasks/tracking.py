@@ -24,6 +24,8 @@ import os
 import re
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Iterator, Mapping, Optional
@@ -31,9 +33,10 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 import yaml
 from filelock import FileLock
 
+from gkd_core.cli_support import UserError
 from tasks import provenance
 from tasks.paths import DATA_REPORT, PREPARED, StagePaths
-from tasks.reports import read_history_csv, read_json
+from tasks.reports import read_history_csv, read_json, read_report
 from tasks.stages import STAGES, StageSpec
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,23 @@ def tracking_uri(root: str | os.PathLike = ".") -> str:
 
 def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")) or "://" not in uri
+
+
+def check_reachable(root: str | os.PathLike = ".", timeout: float = 5.0) -> None:
+    """Refuse, with one line and before any work, a tracking server that does not answer (a run that starts
+    anyway would fail after its training, or hang in MLflow's own retries)."""
+    uri = tracking_uri(root)
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = str(getattr(err, "reason", err))
+    raise UserError(f"MLflow tracking server {uri} is unreachable ({reason}): start it (docs/deploy.md) or "
+                    "point MLFLOW_TRACKING_URI at one that runs")
 
 
 _READY: set[str] = set()  # tracking URIs whose database this process has seen initialised
@@ -133,7 +153,7 @@ def base_tags(root: str | os.PathLike = ".") -> dict[str, str]:
     data_report = Path(root) / DATA_REPORT
     if data_report.is_file():
         try:
-            data_hash = read_json(data_report).get("hash")
+            data_hash = read_report(data_report).get("hash")
         except ValueError:
             data_hash = None
         if data_hash:

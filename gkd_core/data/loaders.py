@@ -6,6 +6,8 @@ identical for :class:`DeviceLoader` (the whole split on the device, one gather p
 :class:`TorchLoader` (a ``torch.utils.data.DataLoader`` with optional worker processes), on CPU and on CUDA.
 With ``with_index=True`` a training loader yields ``(x, y, idx)``: ``idx`` (int64, on the target device) are
 the batch's row numbers in the split, which a cached teacher (:mod:`gkd_core.distiller`) looks up.
+With a :class:`~gkd_core.distributed.Shard` (several processes) a loader yields this rank's share of the same
+plan: the strided share of every global batch (training) or of the split (evaluation).
 ``make_loaders(data, train_cfg, ...)`` builds the train/val/test loaders of a :class:`PreparedData`.
 """
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gkd_core.distributed import Shard
 from gkd_core.sections import TrainConfig
 from gkd_core.data.augment import Normalizer, batch_augment, epoch_plan
 from gkd_core.data.prepared import PreparedData, _describe
@@ -65,8 +68,12 @@ class _LoaderBase:
         dtype: torch.dtype,
         channels_last: bool,
         with_index: bool,
+        shard: Optional[Shard] = None,
     ):
         _check_split(x_uint8, y, batch_size, augment, crop_padding)
+        if shard is not None:
+            shard.batch(int(batch_size))  # refuses a training batch the processes cannot share equally
+        self.shard = shard
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.seed = _seed_of(seed)
@@ -107,7 +114,7 @@ class DeviceLoader(_LoaderBase):
 
     Epoch k (the counter advances when iteration starts; see :meth:`set_epoch`, :meth:`state_dict`) uses
     :func:`epoch_plan` ``(seed, k)``. ``len()`` is the number of batches. ``with_index`` adds the batch's row
-    numbers as a third element.
+    numbers as a third element; ``shard`` makes it yield this rank's share (:class:`Shard`).
     """
 
     def __init__(
@@ -127,9 +134,11 @@ class DeviceLoader(_LoaderBase):
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         with_index: bool = False,
+        shard: Optional[Shard] = None,
     ):
         super().__init__(
-            x_uint8, y, mean, std, batch_size, augment, crop_padding, device, seed, dtype, channels_last, with_index
+            x_uint8, y, mean, std, batch_size, augment, crop_padding, device, seed, dtype, channels_last, with_index,
+            shard,
         )
         self.x = x_uint8.to(self.device)
         self.y = y.to(self.device, torch.int64)
@@ -145,6 +154,8 @@ class DeviceLoader(_LoaderBase):
 
     def __len__(self) -> int:
         n, b = self.num_samples, self.batch_size
+        if self.shard is not None:
+            return self.shard.num_batches(n, b, self.drop_last)
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -152,16 +163,21 @@ class DeviceLoader(_LoaderBase):
         self.epoch += 1
         n = self.num_samples
         order, flips, offsets = epoch_plan(n, self.seed, epoch, self.shuffle, self.hflip, self.crop_padding)
+        batch = self.batch_size
+        if self.shard is not None:  # this rank's positions of the plan every rank draws
+            pos = self.shard.positions(n, batch, self.drop_last)
+            order, flips, offsets = (t[pos] if t is not None else None for t in (order, flips, offsets))
+            batch = self.shard.batch(batch)
         order = order.to(self.device)
         flips = flips.to(self.device) if flips is not None else None
         offsets = offsets.to(self.device) if offsets is not None else None
-        return self._batches(order, flips, offsets)
+        return self._batches(order, flips, offsets, batch)
 
     def _batches(
-        self, order: torch.Tensor, flips: Optional[torch.Tensor], offsets: Optional[torch.Tensor]
+        self, order: torch.Tensor, flips: Optional[torch.Tensor], offsets: Optional[torch.Tensor], batch: int
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         for i in range(len(self)):
-            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            sl = slice(i * batch, (i + 1) * batch)
             idx = order[sl]
             xb = self.x.index_select(0, idx)
             if flips is not None or offsets is not None:
@@ -197,21 +213,30 @@ class _PlannedUint8(Dataset):
 class _PlannedBatchSampler(Sampler):
     """Yields batches of item keys following :func:`epoch_plan` for the epoch set by the owning loader."""
 
-    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, shuffle: bool, hflip: bool, pad: int):
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, shuffle: bool, hflip: bool, pad: int,
+                 shard: Optional[Shard] = None):
         self.n, self.batch_size, self.drop_last = n, batch_size, drop_last
         self.seed, self.shuffle, self.hflip, self.pad = seed, shuffle, hflip, pad
+        self.shard = shard
         self.epoch = 0
 
     def __len__(self) -> int:
+        if self.shard is not None:
+            return self.shard.num_batches(self.n, self.batch_size, self.drop_last)
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, bool, int, int]]]:
         order, flips, offsets = epoch_plan(self.n, self.seed, self.epoch, self.shuffle, self.hflip, self.pad)
+        m, batch = self.n, self.batch_size
+        if self.shard is not None:  # this rank's positions of the plan every rank draws
+            pos = self.shard.positions(self.n, batch, self.drop_last)
+            order, flips, offsets = (t[pos] if t is not None else None for t in (order, flips, offsets))
+            m, batch = len(pos), self.shard.batch(batch)
         o = order.tolist()
-        f = flips.tolist() if flips is not None else [False] * self.n
-        rc = offsets.tolist() if offsets is not None else [(0, 0)] * self.n
+        f = flips.tolist() if flips is not None else [False] * m
+        rc = offsets.tolist() if offsets is not None else [(0, 0)] * m
         for i in range(len(self)):
-            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, self.n)
+            lo, hi = i * batch, min((i + 1) * batch, m)
             yield [(o[j], f[j], rc[j][0], rc[j][1]) for j in range(lo, hi)]
 
 
@@ -256,14 +281,17 @@ class TorchLoader(_LoaderBase):
         channels_last: bool = False,
         num_workers: int = 0,
         with_index: bool = False,
+        shard: Optional[Shard] = None,
     ):
         super().__init__(
-            x_uint8, y, mean, std, batch_size, augment, crop_padding, device, seed, dtype, channels_last, with_index
+            x_uint8, y, mean, std, batch_size, augment, crop_padding, device, seed, dtype, channels_last, with_index,
+            shard,
         )
         pad = int(crop_padding) if augment else 0
         self._n = int(x_uint8.shape[0])
         self._sampler = _PlannedBatchSampler(
-            self._n, self.batch_size, bool(drop_last), self.seed, bool(shuffle), bool(hflip) and bool(augment), pad
+            self._n, self.batch_size, bool(drop_last), self.seed, bool(shuffle), bool(hflip) and bool(augment), pad,
+            shard,
         )
         self._loader = DataLoader(
             _PlannedUint8(x_uint8.cpu(), y.cpu().to(torch.int64), pad, self.with_index),
@@ -334,11 +362,18 @@ def make_loaders(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     with_index: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[Loader, Loader, Loader]:
     """``(train, val, test)`` loaders. Train: shuffled, augmented per ``train_cfg`` (augment, crop_padding,
     hflip), ``drop_last`` when it holds at least one full batch, yielding ``(x, y, idx)`` with ``with_index``.
-    Val/test: in order, not augmented, ``(x, y)``."""
+    Val/test: in order, not augmented, ``(x, y)``. With ``world_size > 1`` each yields ``rank``'s share
+    (:class:`~gkd_core.distributed.Shard`: equal training batches of ``batch_size / world_size``, disjoint
+    evaluation shares)."""
     kind = choose_loader(data, runtime_loader, device)
+    shards: tuple[Optional[Shard], Optional[Shard]] = (None, None)
+    if world_size > 1:
+        shards = (Shard(rank, world_size, pad=True), Shard(rank, world_size, pad=False))
     common: dict[str, Any] = dict(
         mean=data.mean, std=data.std, batch_size=train_cfg.batch_size, device=device, seed=seed,
         dtype=dtype, channels_last=channels_last,
@@ -349,9 +384,9 @@ def make_loaders(
     train = cls(
         data.train_x, data.train_y, shuffle=True, augment=train_cfg.augment, crop_padding=train_cfg.crop_padding,
         hflip=train_cfg.hflip, drop_last=len(data.train_y) >= train_cfg.batch_size, with_index=with_index,
-        **common,
+        shard=shards[0], **common,
     )
-    val = cls(data.val_x, data.val_y, shuffle=False, augment=False, drop_last=False, **common)
-    test = cls(data.test_x, data.test_y, shuffle=False, augment=False, drop_last=False, **common)
+    val = cls(data.val_x, data.val_y, shuffle=False, augment=False, drop_last=False, shard=shards[1], **common)
+    test = cls(data.test_x, data.test_y, shuffle=False, augment=False, drop_last=False, shard=shards[1], **common)
     log.info("loaders: %s on %s, %d/%d/%d batches (train/val/test)", kind, device, len(train), len(val), len(test))
     return train, val, test

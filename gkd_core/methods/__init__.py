@@ -23,7 +23,7 @@ from gkd_core.sections import LossesConfig, ModelConfig
 __all__ = [
     "METHODS", "MethodSpec", "MethodContext", "Objective", "Batch", "Distiller", "TERMS", "combine",
     "TeacherCache", "compute_teacher_cache", "method_spec", "method_block", "method_schedule", "method_weights",
-    "describe_objective", "build_distiller",
+    "describe_objective", "build_distiller", "method_module",
 ]
 
 METHODS: dict[str, MethodSpec] = {
@@ -90,4 +90,11 @@ def build_distiller(
         schedule=schedule if schedule is not None else method_schedule(method_cfg),
         weights=method_weights(method_cfg), label_smoothing=label_smoothing, seed=seed, train_alone=train_alone,
     )
-    return spec.build(ctx)
+    if spec.needs_teacher and teacher is None:
+        raise ValueError(f"method {spec.name!r} needs a teacher (only a method without one trains a model alone)")
+    return method_module(spec).from_context(spec, ctx)
+
+
+def method_module(spec: MethodSpec) -> type[Distiller]:
+    """The module class a method trains with: its own, or the shared :class:`Distiller`."""
+    return spec.distiller or Distiller

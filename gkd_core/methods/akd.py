@@ -19,7 +19,8 @@ Our reading (formula, CAM architecture and hyper-parameters are not public):
   KD over the target would collapse ``p~_t`` onto the student's prediction. Its own objective makes the
   reweighted teacher a better predictor of the label in context (correcting systematic teacher confusions);
   its last layer starts at zero so the run begins as plain gap-weighted KD. Known risk: CE also rewards
-  sharpening ``p~_t``, which thins the dark knowledge; ``m`` is bounded by ``C``.
+  sharpening ``p~_t``, which thins the dark knowledge; ``m`` is bounded by ``C``. With several processes the
+  gap is that of the global batch (the mean over the ranks' equal batches).
 
 Reported: ``alpha`` and ``cam`` (the CAM's CE).
 """
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from gkd_core import distributed
 from gkd_core.methods.base import Batch, Distiller, MethodSpec, Objective
 from gkd_core.models import classifier_of
 from gkd_core.schedules import ConstantSchedule
@@ -103,6 +105,8 @@ class AKDDistiller(Distiller):
             zs, zt = batch.student_logits.float(), batch.teacher_logits.float()
             with torch.no_grad():
                 gap = F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True, reduction="batchmean")
+                if self.distributed:  # the gap of the global batch (equal local batches: the mean of theirs)
+                    gap = distributed.mean_over_ranks(gap)
                 alpha = 1.0 - torch.exp(-self.params.beta * gap)
             log_m = self.cam(zt)
             # CAM objective at T = 1, gradient into the CAM only

@@ -24,6 +24,12 @@ The teacher is frozen: ``eval()`` always, ``requires_grad=False``, run under ``t
 ``inference_mode``: its logits are saved for the KD backward) except on input-gradient-matching steps, where
 it runs with grad enabled so its *input* gradient can be taken (its parameters still get none). On those
 steps a ``torch.compile``'d student runs eagerly (compiled graphs do not support the double backward).
+
+Several processes (:meth:`Distiller.distribute`): the student's forward goes through DistributedDataParallel
+around the student and the method's learnable parameters; the Wasserstein term is computed on the features
+of the whole global batch (gathered with their gradients), per-sample terms on the local batch. Input-gradient
+matching takes its ``create_graph`` gradient w.r.t. the input only, so DDP's reducer sees one backward (of
+``total``) per step.
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from gkd_core import distributed
 from gkd_core.losses import (
     FeatureProjector,
     input_gradient_matching,
@@ -46,17 +52,15 @@ from gkd_core.losses import (
     logit_gradient_matching,
     wasserstein_distance,
 )
+from gkd_core.methods.spec import TERMS, Batch, MethodContext, MethodSpec, Objective, combine
 from gkd_core.methods.teacher_cache import TeacherCache
 from gkd_core.models import FeatureHook, classifier_of
 from gkd_core.schedules import Schedule
-from gkd_core.sections import LossesConfig, ModelConfig
+from gkd_core.sections import LossesConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TERMS", "MethodSpec", "MethodContext", "Objective", "Batch", "combine", "Distiller"]
-
-TERMS = ("kd", "wasserstein", "grad_match")
-"""The distillation terms, in the order they are summed."""
+__all__ = ["Distiller", "TERMS", "MethodSpec", "MethodContext", "Objective", "Batch", "combine"]
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant: spreads (seed, step) over the seed space
 
@@ -75,130 +79,6 @@ def _eager_if_compiled() -> contextlib.AbstractContextManager[Any]:
     if "torch._dynamo" not in sys.modules:
         return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
-
-
-# --- declaration -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MethodContext:
-    """What building a method's module may use: the networks, the run's settings, and a way to train a
-    network alone on the run's data (CES-KD trains its teacher assistants with it)."""
-
-    student: nn.Module
-    teacher: Optional[nn.Module]
-    params: Optional[BaseModel]  # the method's own block (``method.<name>``), None for a method without one
-    losses: LossesConfig
-    schedule: Schedule
-    weights: Mapping[str, float] = field(default_factory=dict)  # term -> weight, for the method's terms
-    label_smoothing: float = 0.0
-    seed: int = 0
-    train_alone: Optional[Callable[[ModelConfig, str], nn.Module]] = None  # (model config, label) -> trained net
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One method, declared in one place (see the module docstring).
-
-    Attributes:
-        name: the registry key and ``method.name`` value.
-        summary: one line for docs, logs and the CLI.
-        schedule: ``(block, method section) -> Schedule``: w(p) from the method's parameter block (the whole
-            ``method`` section is there for an arm defined against another method's schedule).
-        params: the pydantic model of ``method.<name>`` (None: the method has no block). A block with a
-            ``weights`` field sets the terms' weights; without one every term has weight 1.
-        distiller: the module class; built with :meth:`Distiller.from_context`.
-        terms: the distillation terms the method uses (a subset of :data:`TERMS`).
-        metrics: extra per-step scalars its module reports (logged as epoch means).
-        needs_teacher: False only for training a network alone.
-        objective: how the sum reads for this method (docs, reports, MLflow); placeholders ``{w}`` (the schedule)
-            and ``{terms}`` (the weighted terms) are filled by :meth:`describe`.
-    """
-
-    name: str
-    summary: str
-    schedule: Callable[[Any, Any], Schedule]
-    params: Optional[type[BaseModel]] = None
-    distiller: type["Distiller"] = field(default=None)  # type: ignore[assignment]
-    terms: tuple[str, ...] = TERMS
-    metrics: tuple[str, ...] = ()
-    needs_teacher: bool = True
-    objective: str = "CE + {w} * [{terms}]"
-
-    def __post_init__(self) -> None:
-        if self.distiller is None:
-            object.__setattr__(self, "distiller", Distiller)
-        unknown = set(self.terms) - set(TERMS)
-        if unknown:
-            raise ValueError(f"method {self.name!r}: unknown terms {sorted(unknown)}; allowed: {', '.join(TERMS)}")
-
-    def weights(self, block: Any) -> dict[str, float]:
-        """The weight of each of the method's terms: the block's ``weights`` where it has them, else 1."""
-        given = getattr(block, "weights", None)
-        return {t: float(getattr(given, t)) if given is not None else 1.0 for t in self.terms}
-
-    def describe(self, block: Any, method_cfg: Any) -> str:
-        """The objective as it will run, e.g. ``CE + gompertz(a=1, b=4.605, c=5.091) * [1 KD + 1 W + 1 GM]``."""
-        names = {"kd": "KD", "wasserstein": "W", "grad_match": "GM"}
-        weights = self.weights(block)
-        terms = " + ".join(f"{weights[t]:g} {names[t]}" for t in self.terms)
-        schedule = self.schedule(block, method_cfg)
-        params = ", ".join(f"{k}={v:.4g}" for k, v in schedule.state_dict().items()
-                           if k != "name" and isinstance(v, (int, float)))
-        w = f"{schedule.name}({params})" if params else schedule.name
-        return self.objective.format(w=w, terms=terms) if self.terms else "CE"
-
-    def build(self, ctx: MethodContext) -> "Distiller":
-        if self.needs_teacher and ctx.teacher is None:
-            raise ValueError(f"method {self.name!r} needs a teacher (only a method without one trains a model alone)")
-        return self.distiller.from_context(self, ctx)
-
-
-# --- the objective ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Objective:
-    """What a method contributes on one batch, next to the shared CE, W and GM (see :func:`combine`)."""
-
-    terms: dict[str, Tensor] = field(default_factory=dict)  # method-computed terms, e.g. {"kd": ...}
-    ce_scale: float | Tensor = 1.0
-    term_scales: dict[str, float | Tensor] = field(default_factory=dict)
-    auxiliary: dict[str, Tensor] = field(default_factory=dict)  # added unweighted (trains method modules)
-    metrics: dict[str, Tensor] = field(default_factory=dict)  # reported, not optimised
-
-
-def combine(ce: Tensor, ce_weight: float, w: float, terms: Mapping[str, Tensor], weights: Mapping[str, float],
-            objective: Objective, distill: bool) -> Tensor:
-    """``ce_weight * s_ce * CE + w * sum_i s_i * l_i * term_i + sum(auxiliary)``: the one place the objective
-    is summed. ``terms`` and ``weights`` are keyed by term name, summed in :data:`TERMS` order; without
-    distillation only the CE part is returned."""
-    total = ce_weight * objective.ce_scale * ce
-    if not distill:
-        return total
-    part: Optional[Tensor] = None
-    for name in TERMS:
-        if name in terms:
-            scaled = objective.term_scales.get(name, 1.0) * weights[name] * terms[name]
-            part = scaled if part is None else part + scaled
-    if part is not None:
-        total = total + w * part
-    for extra in objective.auxiliary.values():
-        total = total + extra
-    return total
-
-
-@dataclass
-class Batch:
-    """One batch after the shared forward: what a method's :meth:`~Distiller.method_objective` reads."""
-
-    x: Tensor
-    y: Tensor
-    progress: float
-    step: int
-    student_logits: Tensor
-    teacher_logits: Optional[Tensor]  # detached; None without distillation
-    ce: Tensor
 
 
 # --- the module -------------------------------------------------------------------------------------------
@@ -247,6 +127,7 @@ class Distiller(nn.Module):
         self.seed = int(seed)
         self.extra_metrics = tuple(metrics)
         self._generators: dict[str, torch.Generator] = {}
+        self._ddp: Optional[nn.Module] = None  # DDP around the learnable parts (never registered: no state_dict keys)
         self._init_rng = torch.Generator().manual_seed(self.seed)
 
         cfg = self.losses_cfg
@@ -338,6 +219,23 @@ class Distiller(nn.Module):
         self.student.compile()
         if self.teacher is not None and self.distill and self._teacher_cache is None:
             self.teacher.compile()
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Train under ``wrap`` (DistributedDataParallel): it wraps the student together with the projector and
+        :meth:`method_parameters`, so DDP averages all their gradients; the teacher (and any frozen helper)
+        stays outside. Until :meth:`undistribute` the student's forward goes through it and batch-level terms
+        use the whole global batch."""
+        extra = list(self.projector.parameters()) if self.projector is not None else []
+        extra += [p for p in self.method_parameters() if p.requires_grad]
+        object.__setattr__(self, "_ddp", wrap(distributed.TrainableParts(self.student, extra)))
+
+    def undistribute(self) -> None:
+        object.__setattr__(self, "_ddp", None)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether this module trains as one of several processes (see :meth:`distribute`)."""
+        return self._ddp is not None
 
     def end_epoch(self, progress: float, row: Mapping[str, float]) -> None:
         """The schedule sees each finished epoch (validation accuracy included): an adaptive one refits."""
@@ -434,7 +332,7 @@ class Distiller(nn.Module):
         x_in = x.detach().requires_grad_(True) if input_gm else x
 
         with _eager_if_compiled() if input_gm else contextlib.nullcontext():
-            s_logits = self.student(x_in)
+            s_logits = (self._ddp if self._ddp is not None else self.student)(x_in)
         with torch.autocast(device_type=device.type, enabled=False):
             ce = F.cross_entropy(s_logits.float(), y, label_smoothing=self.label_smoothing)
 
@@ -498,6 +396,8 @@ class Distiller(nn.Module):
         fs, ft = fs.flatten(1), ft.detach().flatten(1)
         if self.projector is not None:
             fs = self.projector(fs)
+        if self._ddp is not None:  # W between the global batch's feature clouds, as one process would compute it
+            fs, ft = distributed.gather_rows(fs, grad=True), distributed.gather_rows(ft)
         wc = self.losses_cfg.wasserstein
         return wasserstein_distance(
             fs, ft, method=wc.method, n_projections=wc.n_projections, sinkhorn_reg=wc.sinkhorn_reg,

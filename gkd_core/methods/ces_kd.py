@@ -9,7 +9,7 @@ Our reading, fully vectorised (no per-sample Python):
 - The ladder is ``assistants`` (smallest first; each trained alone with CE on the student's budget when the
   method is built) followed by the main teacher: K experts in all.
 - Difficulty of each image = the main teacher's cross-entropy on it (detached); its rank within the batch
-  gives ``r`` in [0, 1) (0 = easiest).
+  gives ``r`` in [0, 1) (0 = easiest). With several processes: within the global batch (gathered).
 - Curriculum pacing: at progress p the top of the ladder that is open is
   ``u(p) = min(1, 1/K + (1 - 1/K) * p / pace)``: at the start every image learns from the smallest assistant;
   by ``p = pace`` the whole ladder is open and images spread over it by difficulty.
@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from gkd_core import distributed
 from gkd_core.losses import kd_loss
 from gkd_core.methods.base import Batch, Distiller, MethodContext, MethodSpec, Objective
 from gkd_core.schedules import ConstantSchedule
@@ -93,7 +94,12 @@ class CESKDDistiller(Distiller):
         experts = torch.cat([assistant_logits.to(t_logits.dtype), t_logits.unsqueeze(0)])  # (K, B, C)
         with torch.autocast(device_type=batch.student_logits.device.type, enabled=False):
             difficulty = nn.functional.cross_entropy(t_logits.float(), batch.y, reduction="none")
-        k = expert_index(difficulty, batch.progress, experts.shape[0], self.params.pace)
+        if self.distributed:  # ranks within the global batch, as one process would rank them; this rank's block
+            b = difficulty.shape[0]
+            ranked = expert_index(distributed.gather_rows(difficulty), batch.progress, experts.shape[0], self.params.pace)
+            k = ranked[distributed.rank() * b:(distributed.rank() + 1) * b]
+        else:
+            k = expert_index(difficulty, batch.progress, experts.shape[0], self.params.pace)
         chosen = experts[k, torch.arange(k.shape[0], device=k.device)]
         level = k.float().mean() / max(experts.shape[0] - 1, 1)
         return Objective(terms={"kd": kd_loss(batch.student_logits, chosen, self.losses_cfg.temperature)},

@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from _project import make_project
-from _servers import BIN, PrefectServer, mlflow_server, postgres, postgres_missing_reason, tool_env
+from _servers import BIN, PrefectServer, mlflow_server, postgres, postgres_missing_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -57,6 +57,7 @@ def test_the_readme_form_of_the_sweep_command_runs(clone_project) -> None:
     root: Path = clone_project()
     proc = run([sys.executable, "-m", "flows.sweep", "--methods", "none", "kd", "--seeds", "0", "--workers", "1",
                 "-S", "student.train.epochs=1", "--name", "readme"], root, timeout=900)
-    assert "| `kd` | 1 |" in proc.stdout, proc.stdout[-2000:]
+    assert "Sweep readme" in proc.stdout and "kd: CE + constant(a=1) * [1 KD]" in proc.stdout, proc.stdout[-2000:]
+    assert "| `kd` | 1 |" in (root / "reports/sweep/readme/comparison.md").read_text()
     table = json.loads((root / "reports/sweep/readme/comparison.json").read_text())
     assert [r["arm"] for r in table["arms"]] == ["none", "kd"]

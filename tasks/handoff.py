@@ -1,0 +1,167 @@
+"""What travels between the machines of a pipeline run: a CPU box that orchestrates and GPU boxes that train.
+
+* **Code**: the git commit the CPU box runs; the GPU box's checkout (``$GKD_PROJECT_DIR``) fetches it and
+  checks it out. Uncommitted code on the CPU box cannot travel, so dispatching it is refused.
+* **Configuration**: params.yaml and dvc.lock as text (uncommitted parameter edits travel too).
+* **Data and models**: the DVC remote (``dvc push`` / ``dvc pull`` of the stages' outputs).
+* **The result**: the stage's new dvc.lock entry, handed back through a Prefect artifact (stored by the
+  Prefect server both boxes talk to) and merged into the CPU box's dvc.lock.
+* **Resume state**: every epoch's checkpoint is mirrored to ``<DVC remote>/gkd-checkpoints/`` (fsspec), so a
+  rerun on any GPU box resumes from the last epoch the remote holds after a worker died.
+* **Sweeps** (not DVC-tracked): a sweep's shared files and each point's reports travel through
+  ``<DVC remote>/gkd-sweeps/<name>/`` (:class:`Exchange`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+import fsspec
+import yaml
+
+from gkd_core.cli_support import UserError
+from gkd_core.io import atomic_write
+
+logger = logging.getLogger(__name__)
+
+PROJECT_DIR_ENV = "GKD_PROJECT_DIR"  # a worker's checkout of the project
+MIRROR_ENV = "GKD_CHECKPOINT_MIRROR"  # where training stages mirror their checkpoints (a URL or folder)
+TRAVELLING = ("params.yaml", "dvc.lock")  # files that travel as text, so they may differ from the commit
+
+
+def project_dir(given: Optional[str]) -> Path:
+    """The project folder of this process: ``given``, else ``$GKD_PROJECT_DIR`` (a worker's checkout), else
+    the current directory (a process worker runs flows in a temporary one: set the variable there)."""
+    return Path(given or os.environ.get(PROJECT_DIR_ENV) or ".").resolve()
+
+
+def _git(root: Path, *args: str, check: bool = True) -> str:
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise UserError(f"{root}: git {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+    return proc.stdout.strip()
+
+
+def pinned_commit(root: Path) -> str:
+    """The commit a GPU box must run; refused while tracked code differs from it (it could not travel)."""
+    commit = _git(root, "rev-parse", "HEAD")
+    changed = _git(root, "diff", "--name-only", "HEAD").splitlines()  # tracked files, staged or not
+    code = [p for p in changed if p not in TRAVELLING]
+    if code:
+        raise UserError(f"{root}: uncommitted changes to {', '.join(code[:5])}: a GPU worker runs commit "
+                        f"{commit[:12]}, so commit (and push) them first")
+    return commit
+
+
+def checkout(root: Path, commit: str) -> None:
+    """Put the worker's checkout at ``commit`` (fetched from its git remotes when missing)."""
+    if _git(root, "cat-file", "-t", commit, check=False) != "commit":
+        _git(root, "fetch", "--all", "--quiet")
+    if _git(root, "cat-file", "-t", commit, check=False) != "commit":
+        raise UserError(f"{root}: commit {commit[:12]} is not reachable from this checkout's git remotes "
+                        "(push it where the GPU boxes fetch from)")
+    _git(root, "checkout", "--quiet", "--force", "--detach", commit)
+    logger.info("checkout %s at commit %s", root, commit[:12])
+
+
+def read_text(root: Path, name: str) -> Optional[str]:
+    path = root / name
+    return path.read_text() if path.is_file() else None
+
+
+def write_text(root: Path, name: str, text: Optional[str]) -> None:
+    if text is not None:
+        with atomic_write(root / name) as fh:
+            fh.write(text)
+
+
+def lock_entry(root: Path, stage: str) -> Optional[dict[str, Any]]:
+    """``stage``'s entry of ``root``'s dvc.lock (None when it has none)."""
+    text = read_text(root, "dvc.lock")
+    return ((yaml.safe_load(text) or {}).get("stages") or {}).get(stage) if text else None
+
+
+def merge_lock_entry(root: Path, stage: str, entry: dict[str, Any]) -> None:
+    """Put ``entry`` in ``root``'s dvc.lock for ``stage`` (the other stages' entries are kept)."""
+    text = read_text(root, "dvc.lock")
+    lock = (yaml.safe_load(text) if text else None) or {"schema": "2.0", "stages": {}}
+    lock.setdefault("stages", {})[stage] = entry
+    write_text(root, "dvc.lock", yaml.safe_dump(lock, sort_keys=False))
+
+
+def remote_url(root: Path) -> Optional[str]:
+    """The URL (or folder) of the DVC remote the project pushes to by default."""
+    from tasks.dvc_ops import open_repo  # DVC is slow to import; only the hand-off needs its config here
+
+    with open_repo(root) as repo:
+        name = repo.config.get("core", {}).get("remote")
+        remotes = repo.config.get("remote", {})
+        if not name and len(remotes) == 1:
+            name = next(iter(remotes))
+        return remotes.get(name, {}).get("url") if name else None
+
+
+class Exchange:
+    """A folder at ``url`` (fsspec) that mirrors files of a local folder, by relative path."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def put(self, local_root: Path, rels: list[str]) -> None:
+        for rel in rels:
+            fs, path = fsspec.core.url_to_fs(f"{self.url}/{rel}")
+            fs.makedirs(fs._parent(path), exist_ok=True)
+            fs.put_file(str(local_root / rel), f"{path}.partial")
+            fs.mv(f"{path}.partial", path)
+
+    def get(self, local_root: Path, rels: list[str]) -> None:
+        for rel in rels:
+            fs, path = fsspec.core.url_to_fs(f"{self.url}/{rel}")
+            if not fs.exists(path):
+                raise UserError(f"{self.url}/{rel}: missing in the exchange (was the sweep's data pushed?)")
+            with fs.open(path, "rb") as src, atomic_write(local_root / rel, "wb") as dst:
+                dst.write(src.read())
+
+
+class CheckpointMirror:
+    """A copy of a training stage's checkpoint kept at ``url`` (any fsspec URL or folder)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    @classmethod
+    def from_env(cls) -> Optional["CheckpointMirror"]:
+        url = os.environ.get(MIRROR_ENV, "").strip()
+        return cls(url) if url else None
+
+    def _target(self, local: Path) -> str:
+        return f"{self.url}/{local.name}"
+
+    def fetch(self, local: Path) -> bool:
+        """Copy the mirrored checkpoint to ``local`` when ``local`` is missing; True when one was fetched."""
+        if local.exists():
+            return False
+        fs, path = fsspec.core.url_to_fs(self._target(local))
+        if not fs.exists(path):
+            return False
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open(path, "rb") as src, atomic_write(local, "wb") as dst:
+            dst.write(src.read())
+        logger.info("resume checkpoint %s fetched from %s", local.name, self.url)
+        return True
+
+    def push(self, local: Path) -> None:
+        fs, path = fsspec.core.url_to_fs(self._target(local))
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        tmp = f"{path}.partial"
+        fs.put_file(str(local), tmp)
+        fs.mv(tmp, path)
+
+    def remove(self, local: Path) -> None:
+        fs, path = fsspec.core.url_to_fs(self._target(local))
+        if fs.exists(path):
+            fs.rm(path)
