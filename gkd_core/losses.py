@@ -7,7 +7,7 @@ solves on the CPU; see :func:`wasserstein_distance`).
 Conventions (also in docs/method.md):
 
 * **KD** is Hinton's ``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch (``batchmean``).
-  The teacher logits are *not* detached here; the caller decides (the :mod:`gkd_core.distiller` detaches).
+  The teacher logits are *not* detached here; the caller decides (:class:`gkd_core.methods.Distiller` detaches).
 * **Wasserstein** returns a *squared* 2-Wasserstein quantity, ``W2^2``, for every method, with squared
   Euclidean ground cost, so that ``l_w`` means the same thing whichever solver is selected:
 

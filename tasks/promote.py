@@ -2,9 +2,11 @@
 
     python -m tasks.promote --params params.yaml        # decision in reports/promote.{json,md} and MLflow
 
-Rules (params ``promote.metric``, ``promote.higher_is_better``, ``promote.min_improvement``):
+Rules (params ``promote.*``):
 
 * a challenger whose ONNX parity did not pass, or whose run lacks the metric, is refused;
+* so is one below a floor (the first champion too): test accuracy under ``min_accuracy``, not above chance
+  (1 / classes) by ``min_above_chance``, or more than ``max_below_teacher`` under the teacher's;
 * with no champion yet, a challenger that passes those checks becomes champion;
 * otherwise it is promoted when ``improvement > 0`` and ``improvement >= min_improvement``, where
   ``improvement = challenger - champion`` (or the reverse when lower is better); a champion without the

@@ -5,7 +5,7 @@ int64. Both follow :func:`gkd_core.data.augment.epoch_plan` ``(seed, epoch)``, s
 identical for :class:`DeviceLoader` (the whole split on the device, one gather per batch) and
 :class:`TorchLoader` (a ``torch.utils.data.DataLoader`` with optional worker processes), on CPU and on CUDA.
 With ``with_index=True`` a training loader yields ``(x, y, idx)``: ``idx`` (int64, on the target device) are
-the batch's row numbers in the split, which a cached teacher (:mod:`gkd_core.distiller`) looks up.
+the batch's row numbers in the split, which a cached teacher (:class:`gkd_core.methods.TeacherCache`) looks up.
 With a :class:`~gkd_core.distributed.Shard` (several processes) a loader yields this rank's share of the same
 plan: the strided share of every global batch (training) or of the split (evaluation).
 ``make_loaders(data, train_cfg, ...)`` builds the train/val/test loaders of a :class:`PreparedData`.
