@@ -276,7 +276,7 @@ def _print_summary(result: dict[str, Any]) -> None:
         cmp_table.add_column("accuracy", justify="right")
         for k, v in comparison.items():
             what = "the teacher (CE)" if k == "teacher" else METHODS[k].summary
-            cmp_table.add_row("teacher" if k == "teacher" else f"student [{k}]", what, f"{v:.4f}")
+            cmp_table.add_row("teacher" if k == "teacher" else f"student ({k})", what, f"{v:.4f}")
         console.print(cmp_table)
     uri = result.get("tracking_uri", "")
     if reg:
