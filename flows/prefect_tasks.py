@@ -6,6 +6,8 @@ the retries and delay of :data:`RETRIES` (tests/integration/test_pipeline.py che
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +19,7 @@ from gkd_core.cli_support import UserError, load_params_checked
 from gkd_core.guard import NonFiniteLossError
 from tasks import dvc_ops
 from tasks.dvc_ops import StageFailed
+from tasks.cli import configure_logging
 from tasks.paths import PARAMS_FILE
 from tasks.promote import promote
 from tasks.register import register
@@ -76,4 +79,15 @@ def stage_options(stage: str) -> dict[str, Any]:
 
 register_task = task(register, **_policy("register"))
 promote_task = task(promote, **_policy("promote"))
-sweep_point_task = task(sweep_point, **_policy("sweep-point"))
+
+
+@functools.wraps(sweep_point)
+def _sweep_point_logged(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`sweep_point` with the command line's log format: a ProcessPoolTaskRunner worker is a fresh
+    process without it, and a point's epoch lines would otherwise go nowhere."""
+    if not logging.getLogger().handlers:
+        configure_logging()
+    return sweep_point(*args, **kwargs)
+
+
+sweep_point_task = task(_sweep_point_logged, **_policy("sweep-point"))

@@ -113,7 +113,7 @@ def _train(
     options = FitOptions(
         device=device, amp=rt.amp, channels_last=use_cl,
         compile=rt.compile is True or (rt.compile == "auto" and device.type == "cuda"),
-        progress=method.progress, progress_bar=rt.progress_bar and rank == 0, desc=desc, callbacks=callbacks,
+        progress=method.progress, progress_bar=rt.progress_bar if rank == 0 else False, desc=desc, callbacks=callbacks,
         checkpoint=Checkpointing(Path(checkpoint_path), fingerprint, resume, on_checkpoint) if checkpoint_path else None,
         stop_after_epochs=stop_after_epochs,
     )

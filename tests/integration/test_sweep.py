@@ -59,5 +59,6 @@ def test_the_readme_form_of_the_sweep_command_runs(clone_project) -> None:
                 "-S", "student.train.epochs=1", "--name", "readme"], root, timeout=900)
     assert "Sweep readme" in proc.stdout and "kd: CE + constant(a=1) * [1 KD]" in proc.stdout, proc.stdout[-2000:]
     assert "| `kd` | 1 |" in (root / "reports/sweep/readme/comparison.md").read_text()
+    assert "student[kd] epoch 1/1" in proc.stderr, "a point's epoch lines (in a worker process) were not shown"
     table = json.loads((root / "reports/sweep/readme/comparison.json").read_text())
     assert [r["arm"] for r in table["arms"]] == ["none", "kd"]

@@ -87,6 +87,19 @@ def test_runtime_progress_bar_accepts_auto() -> None:
         validate_params({**_params("kd").model_dump(mode="json"), "runtime": {"progress_bar": "sometimes"}})
 
 
+def test_auto_reaches_the_engine_as_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner hands ``runtime.progress_bar`` to fit as it is: "auto" decides there, on the real stderr (it
+    once became True through ``auto and rank == 0``, drawing the bar into log files)."""
+    import gkd_core.runner as runner
+
+    seen = []
+    real_fit = runner.fit
+    monkeypatch.setattr(runner, "fit", lambda *a, **k: seen.append(a[4].progress_bar) or real_fit(*a, **k))
+    params = _params("none")
+    train_teacher(params, prepare_dataset(params.dataset, params.seed))
+    assert seen == ["auto"]
+
+
 def test_pipeline_ends_with_next_steps() -> None:
     from flows.pipeline import next_steps
 
