@@ -1,7 +1,7 @@
 """`gkd predict`: image files, folders and tar archives (the image_folder dataset's reading rules), a prepared
 split, .pt and .onnx models (the ONNX file carries the model's metadata), CSV / JSON / printed output, and one
 message with exit code 2 for what the user can fix. The pipeline-level checks (the evaluate stage's numbers,
-the registered models:/ URI) are in tests/integration/test_predict.py."""
+the registered models:/ URI) are in tests/integration/test_predict_cli.py."""
 
 from __future__ import annotations
 
