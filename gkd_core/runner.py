@@ -106,10 +106,7 @@ def _train(
             teacher, data.train_x, data.mean, data.std, device, amp=rt.amp, channels_last=use_cl,
             features=distiller.use_wasserstein,
         ))
-    fingerprint = config_fingerprint(
-        desc, net_cfg.model_dump(), method.model_dump(), params.losses.model_dump(), params.seed,
-        data.meta.get("sha256"),
-    )
+    fingerprint = run_fingerprint(desc, net_cfg, method, params, data)
     options = FitOptions(
         device=device, amp=rt.amp, channels_last=use_cl,
         compile=rt.compile is True or (rt.compile == "auto" and device.type == "cuda"),
@@ -158,6 +155,15 @@ def _train(
 
 
 _ALONE = MethodConfig(name="none")  # a network trained alone: cross-entropy, no teacher
+
+
+def run_fingerprint(desc: str, net_cfg: Any, method: Any, params: ParamsBase, data: PreparedData) -> str:
+    """What a training run's checkpoint must match to be resumed: the network's section, the method, the seed,
+    the data, and the ``losses`` section only for a method with distillation terms (a teacher, or the student
+    alone, resumes after an edit of ``losses``)."""
+    losses = params.losses.model_dump() if method_spec(method.name).terms else None
+    return config_fingerprint(desc, net_cfg.model_dump(), method.model_dump(), losses, params.seed,
+                              data.meta.get("sha256"))
 
 
 def train_teacher(

@@ -8,7 +8,7 @@ from torch import nn
 from gkd_core.config import TrainConfig, validate_params
 from gkd_core.data import prepare_dataset
 from gkd_core.engine import FitOptions, NonFiniteLossError, Trainable, fit, lr_factor, progress_at, resolve_device
-from gkd_core.runner import distill_student, train_teacher
+from gkd_core.runner import distill_student, run_fingerprint, train_teacher
 
 
 def tiny_params(**method):
@@ -77,6 +77,20 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path, digits_small):
     other = params.model_copy(update={"seed": 4})
     result = train_teacher(other, digits_small, checkpoint_path=ckpt)
     assert result.summary["resumed_from_epoch"] is None and len(result.history) == 2
+
+
+def test_a_teacher_resumes_after_an_edit_of_the_distillation_losses(tmp_path, digits_small):
+    """The teacher trains without distillation terms: a ``losses`` edit (e.g. for the students) keeps its
+    checkpoint; a distilled student's checkpoint does depend on ``losses``."""
+    params = tiny_params()
+    ckpt = tmp_path / "t.ckpt"
+    train_teacher(params, digits_small, checkpoint_path=ckpt, stop_after_epochs=1)
+    edited = params.model_copy(update={"losses": params.losses.model_copy(update={"temperature": 2.0})})
+    result = train_teacher(edited, digits_small, checkpoint_path=ckpt)
+    assert result.summary["resumed_from_epoch"] == 1
+
+    fp = lambda p: run_fingerprint("s", p.student, p.method, p, digits_small)  # noqa: E731
+    assert fp(params) != fp(edited)
 
 
 class _Explodes(nn.Module):
