@@ -7,7 +7,7 @@ the retries and delay of :data:`RETRIES` (tests/integration/test_pipeline.py che
 from __future__ import annotations
 
 import functools
-import logging
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -81,12 +81,17 @@ register_task = task(register, **_policy("register"))
 promote_task = task(promote, **_policy("promote"))
 
 
+_worker_logging = False
+
+
 @functools.wraps(sweep_point)
 def _sweep_point_logged(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """:func:`sweep_point` with the command line's log format: a ProcessPoolTaskRunner worker is a fresh
-    process without it, and a point's epoch lines would otherwise go nowhere."""
-    if not logging.getLogger().handlers:
+    process whose root logger Prefect set to WARNING, so a point's epoch lines would go nowhere."""
+    global _worker_logging
+    if not _worker_logging and multiprocessing.parent_process() is not None:
         configure_logging()
+        _worker_logging = True
     return sweep_point(*args, **kwargs)
 
 
