@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import pytest
 from PIL import Image
 
-from _project import REPO, commit_all, console_script, git
+from _project import REPO, console_script, git
 from _servers import free_port, http_ok, running, tool_env
 
 pytestmark = pytest.mark.integration
@@ -191,8 +191,10 @@ def test_every_readme_command_runs(clone_project, tmp_path: Path) -> None:
     for name in ("Makefile", "pyproject.toml", "requirements.lock", "README.md"):
         shutil.copy2(REPO / name, root / name)
     # as after `make run` in a fresh clone: the outputs are there, dvc.lock is not committed yet
-    git(root, "rm", "-q", "--cached", "dvc.lock")
-    commit_all(root, "the project as cloned: no dvc.lock")
+    git(root, "add", "Makefile", "pyproject.toml", "requirements.lock", "README.md")
+    git(root, "rm", "-q", "--cached", "dvc.lock")  # not commit_all: its `git add -A` would add dvc.lock back
+    git(root, "commit", "-q", "--no-verify", "-m", "the project as cloned: no dvc.lock")
+    assert "dvc.lock" not in git(root, "ls-files").stdout.split()
     before = subprocess.run([sys.executable, "-m", "dvc", "metrics", "diff"], cwd=root, capture_output=True, text=True,
                             env=tool_env(), timeout=COMMAND_TIMEOUT)
     assert "failed to load some metrics for following revisions: 'HEAD'" in before.stdout + before.stderr
