@@ -185,8 +185,6 @@ def distill_student(
     """Train ``params.student`` under ``params.method`` (or ``method``, another ``method`` section) with the
     frozen ``teacher`` (ignored by a method that trains the student alone)."""
     method = method or params.method
-    if method_spec(method.name).needs_teacher and teacher is None:
-        raise ValueError(f"method {method.name!r} needs a teacher model")
     return _train(params, data, params.student, method, teacher, checkpoint_path, callbacks, resume,
                   f"student[{method.name}]", stop_after_epochs, on_checkpoint)
 

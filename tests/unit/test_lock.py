@@ -23,10 +23,10 @@ def test_every_dependency_is_pinned_at_the_locked_version() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = [*project["dependencies"], *sum(project.get("optional-dependencies", {}).values(), [])]
     lock = lock_versions((REPO / "requirements.lock").read_text())
-    unpinned = [d for d in declared if not PIN.match(d)]
+    pins = {d: PIN.match(d) for d in declared}
+    unpinned = [d for d, m in pins.items() if not m]
     assert not unpinned, f"pyproject.toml: pin these with == (the lock decides what installs): {unpinned}"
-    wrong = {d: lock.get(_name(PIN.match(d).group(1))) for d in declared
-             if lock.get(_name(PIN.match(d).group(1))) != PIN.match(d).group(2)}
+    wrong = {d: lock.get(_name(m.group(1))) for d, m in pins.items() if lock.get(_name(m.group(1))) != m.group(2)}
     assert not wrong, f"pyproject.toml pin -> version in requirements.lock (run `make lock`): {wrong}"
 
 
