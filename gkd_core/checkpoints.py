@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -27,9 +28,15 @@ from gkd_core.io import UnsafeFileError, safe_torch_load, torch_save
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "Checkpointing", "save_checkpoint", "load_checkpoint", "restore_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "Checkpointing", "save_checkpoint", "load_checkpoint",
+           "restore_checkpoint", "HOLD_ENV", "hold_after_checkpoint"]
 
 CHECKPOINT_FORMAT = "gkd-checkpoint/2"
+# Fault-injection hook for tests: "<epoch>:<file>" makes the run that writes the checkpoint of <epoch> create
+# <file> and wait (at most HOLD_MAX_S) until <file> is removed, so a test can kill it at a known point instead
+# of racing the clock. Unset, nothing happens.
+HOLD_ENV = "GKD_TEST_HOLD_AFTER_EPOCH"
+HOLD_MAX_S = 600.0
 
 
 class CheckpointError(ValueError):
@@ -114,3 +121,21 @@ def restore_checkpoint(state: Mapping[str, Any], trainable: Any, optimizer: torc
         loader.load_state_dict(state["loader"])
     _set_rng_state(state["rng"])
     return int(state["epoch"]), list(state["history"])
+
+
+def hold_after_checkpoint(epoch: int) -> None:
+    """Honour :data:`HOLD_ENV` after the checkpoint of ``epoch`` (1-based) was written (see there)."""
+    spec = os.environ.get(HOLD_ENV)
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if not marker or not at.strip().isdigit():
+        raise ValueError(f"{HOLD_ENV}={spec!r}: expected <epoch>:<file>")
+    if int(at) != epoch:
+        return
+    path = Path(marker)
+    path.write_text(f"{os.getpid()}\n")
+    logger.info("holding after the epoch %d checkpoint until %s is removed (%s)", epoch, path, HOLD_ENV)
+    deadline = time.monotonic() + HOLD_MAX_S
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from gkd_core import distributed
-from gkd_core.checkpoints import Checkpointing, load_checkpoint, restore_checkpoint, save_checkpoint
+from gkd_core.checkpoints import (Checkpointing, hold_after_checkpoint, load_checkpoint, restore_checkpoint,
+                                  save_checkpoint)
 from gkd_core.guard import NonFiniteGuard, NonFiniteLossError
 from gkd_core.progress import TrainingProgress
 from gkd_core.sections import TrainConfig
@@ -334,6 +335,7 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
                                 best=best, world_size=distributed.world_size())
                 if ckpt.on_save is not None:
                     ckpt.on_save(ckpt.path)
+                hold_after_checkpoint(epoch + 1)
     finally:
         bar.close()
         if ddp and hasattr(trainable, "undistribute"):

@@ -51,12 +51,34 @@ def _split_name(name: str) -> tuple[str, ...]:
     return tuple(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
 
 
+def _unsafe_member(member: tarfile.TarInfo) -> Optional[str]:
+    """Why a member must not be read as an image (a link, a device, a name leaving the archive), or None."""
+    if member.isdir():
+        return None
+    if not member.isfile():
+        return "a link or special file"
+    name = member.name.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a path leaving the archive"
+    return None
+
+
 def _iter_archive(path: Path) -> Iterator[tuple[tuple[str, ...], bytes]]:
-    """Yield ``(path parts, bytes)`` of the image members of a tar archive, in archive order (one pass)."""
+    """Yield ``(path parts, bytes)`` of the image members of a tar archive, in archive order (one pass).
+
+    Links, devices and names that leave the archive (``..``, absolute) are never read; they are counted and
+    reported once, with examples, at the end."""
     count = 0
+    skipped: list[tuple[str, str]] = []
     try:
         with tarfile.open(path, "r|*") as tf:
             for member in tf:
+                why = _unsafe_member(member)
+                if why is not None:
+                    skipped.append((member.name, why))
+                    continue
                 if not member.isfile():
                     continue
                 parts = _split_name(member.name)
@@ -72,6 +94,14 @@ def _iter_archive(path: Path) -> Iterator[tuple[tuple[str, ...], bytes]]:
         raise DatasetError(
             f"{path}: corrupt or truncated archive after {count} images ({type(err).__name__}: {err})"
         ) from None
+    finally:
+        if skipped:
+            kinds: dict[str, list[str]] = {}
+            for name, why in skipped:
+                kinds.setdefault(why, []).append(name)
+            detail = "; ".join(f"{len(names)} {why} (e.g. {names[0]!r})" for why, names in kinds.items())
+            log.warning("%s: skipped %d archive members that are not regular files inside the archive: %s",
+                        path, len(skipped), detail)
 
 
 def _iter_directory(path: Path) -> list[tuple[tuple[str, ...], Path]]:

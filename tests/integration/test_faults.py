@@ -8,6 +8,7 @@ promoted, nothing lost when flows start together, an exact resume after SIGKILL.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -206,25 +207,34 @@ def test_two_flows_against_a_new_store_both_finish_and_register(pipeline_run: di
     assert len(versions) == 2
 
 
-def test_sigkill_during_distillation_then_dvc_repro_resumes_to_identical_weights(clone_project) -> None:
+def test_sigkill_during_distillation_then_dvc_repro_resumes_to_identical_weights(clone_project, tmp_path: Path) -> None:
+    from gkd_core.checkpoints import HOLD_ENV
+
     root, reference = clone_project(), clone_project()
     change = {"student.train.epochs": 6, "method.gompertz.c": 6.0}
     for r in (root, reference):
         edit_params(r, change)
     run([sys.executable, "-m", "dvc", "repro", "distill_student"], reference, timeout=900)
-    env = {**os.environ, **OFFLINE_ENV,
+    # The kill lands at a known point, not against the clock: the run holds after its epoch-2 checkpoint
+    # (gkd_core.checkpoints.HOLD_ENV) and is killed while it waits; on an idle machine 6 digits epochs end
+    # within a second, so a timed kill would find the run already finished.
+    marker = tmp_path / "held-after-epoch-2"
+    env = {**os.environ, **OFFLINE_ENV, HOLD_ENV: f"2:{marker}",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "distill_student"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline and not list((root / "checkpoints").glob("student-*.pt")):
-        time.sleep(0.2)
-    assert list((root / "checkpoints").glob("student-*.pt")), "no checkpoint was written"
-    time.sleep(1.0)
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), f"the run never reached its epoch-2 checkpoint: {proc.communicate()[0][-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    first = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL
+    assert "epoch 2/6" in first and "epoch 3/6" not in first and not (root / "models/student.pt").exists()
     resumed = run([sys.executable, "-m", "dvc", "repro", "distill_student"], root, timeout=900)
-    assert "resumed" in resumed.stderr + resumed.stdout
+    log = resumed.stderr + resumed.stdout
+    assert "at epoch 2/6" in log and "resumed" in log, log[-3000:]
+    assert "epoch 1/6" not in log and "epoch 6/6" in log  # epochs 3-6 ran, 1-2 did not run again
     a = torch.load(root / "models/student.pt", weights_only=True)["state_dict"]
     b = torch.load(reference / "models/student.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -233,27 +243,44 @@ def test_sigkill_during_distillation_then_dvc_repro_resumes_to_identical_weights
 # --- what holds today, kept holding --------------------------------------------------------------------------
 
 
-def test_tar_members_escaping_the_archive_write_nothing_outside(tmp_path: Path) -> None:
-    from gkd_core.data import DatasetError, load_image_folder_raw
+def test_hostile_tar_members_are_skipped_and_the_user_is_told(tmp_path: Path, caplog) -> None:
+    """The reader never extracts, but it must not read members whose names leave the archive (``..``, absolute
+    paths) or that are links or devices as images either: they are skipped, and the user is told which."""
+    import logging
+
+    from PIL import Image
+
+    from gkd_core.data import load_image_folder_raw
     from gkd_core.sections import DatasetConfig
 
     archive = tmp_path / "evil.tar"
-    outside = tmp_path / "outside.png"
-    from PIL import Image
-
-    img = tmp_path / "x.png"
-    Image.new("RGB", (8, 8)).save(img)
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(red)
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(blue)
     with tarfile.open(archive, "w") as tf:
-        for name in ("train/a/1.png", "train/b/1.png", "../outside.png", "train/a/../../../outside.png"):
-            tf.add(img, arcname=name)
+        for name in ("train/a/1.png", "train/b/1.png", "test/a/1.png", "test/b/1.png"):
+            tf.add(red if "/a/" in name else blue, arcname=name)
+        payload = blue.read_bytes()
+        for name in ("../outside.png", "train/a/../../../outside.png", "/train/a/2.png"):
+            member = tarfile.TarInfo(name)  # addfile keeps the name as given (add() strips a leading "/")
+            member.size = len(payload)
+            tf.addfile(member, io.BytesIO(payload))  # blue under class a: a label the skipped ones would poison
         link = tarfile.TarInfo("train/a/link.png")
-        link.type, link.linkname = tarfile.SYMTYPE, str(outside)
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tf.addfile(link)
-    try:
-        load_image_folder_raw(DatasetConfig(name="image_folder", root=str(archive)))
-    except DatasetError:
-        pass
-    assert not outside.exists()
+        hard = tarfile.TarInfo("train/a/hard.png")
+        hard.type, hard.linkname = tarfile.LNKTYPE, "train/b/1.png"
+        tf.addfile(hard)
+    with caplog.at_level(logging.WARNING, logger="gkd_core.data.image_folder"):
+        raw = load_image_folder_raw(DatasetConfig(name="image_folder", root=str(archive)))
+    assert raw.classes == ["a", "b"]
+    assert len(raw.train_y) == 2 and len(raw.test_y) == 2  # only the four regular members were read
+    a = raw.classes.index("a")
+    assert (raw.train_x[raw.train_y == a][:, 0] == 255).all()  # class a holds the red image alone
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "skipped 5 archive members" in warning, warning
+    for shown in ("../outside.png", "link.png"):
+        assert shown in warning, warning
 
 
 def test_zero_byte_image_and_missing_root_fail_in_seconds_naming_the_file(tmp_path: Path) -> None:
