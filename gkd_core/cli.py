@@ -34,6 +34,7 @@ from gkd_core.cli_support import UserError, load_params_checked, parse_overrides
 from gkd_core.config import ConfigError, load_params
 from gkd_core.data import DatasetError, PreparedData, load_prepared, prepare_dataset, save_prepared
 from gkd_core.io import write_json
+from gkd_core.limits import InputLimits, LimitError, using_limits
 from gkd_core.methods import method_schedule, method_spec
 from gkd_core.modelfile import ModelFileError, check_model, read_model
 from gkd_core.plots import plot_schedules
@@ -214,6 +215,14 @@ def predict_command(opener: ModelOpener = open_local_model, model_help: str = LO
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                                 help="progress bar (default: when stderr is a terminal)",
                                                 show_default=False),
+        strict: bool = typer.Option(False, "--strict", help="stop at the first input that cannot be read "
+                                    "(default: report it and go on)"),
+        max_image_pixels: Optional[int] = typer.Option(
+            None, "--max-image-pixels", help="refuse images larger than this many pixels (width x height, from "
+            "the header, before decoding; default $GKD_MAX_IMAGE_PIXELS or 40,000,000)", show_default=False),
+        max_file_bytes: Optional[int] = typer.Option(
+            None, "--max-file-bytes", help="refuse image files and archive members larger than this (default "
+            "$GKD_MAX_FILE_BYTES or 64 MiB)", show_default=False),
     ) -> None:
         """Label images (files, folders, tar archives) or a prepared split with a trained model.
 
@@ -229,6 +238,14 @@ def predict_command(opener: ModelOpener = open_local_model, model_help: str = LO
                 raise UserError("nothing to predict: give image files, folders or archives, or --split test")
             if out is not None and out.suffix.lower() not in (".csv", ".json"):
                 raise UserError(f"--out {out}: the file must end in .csv or .json")
+            try:
+                chosen = InputLimits.from_env(image_pixels=max_image_pixels, file_bytes=max_file_bytes)
+            except LimitError as err:
+                raise UserError(str(err)) from None
+            with using_limits(chosen):
+                predict_with_limits()
+
+        def predict_with_limits() -> None:
             prepared = None
             if split is not None:
                 try:
@@ -238,14 +255,16 @@ def predict_command(opener: ModelOpener = open_local_model, model_help: str = LO
             try:
                 predictor = opener(model, device)
                 result = run_prediction(predictor, [str(p) for p in inputs or []], split, prepared, out, batch_size,
-                                        progress)
+                                        progress, strict=strict)
             except (ModelFileError, ImageInputError) as err:
                 raise UserError(str(err)) from None
             what = f"the {split} split of {data}" if split else "image(s)"
             acc = f": accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
             where = f" -> {out}" if out is not None else ""
             # stderr, unwrapped: stdout carries the predictions themselves when there is no --out
-            typer.echo(f"predicted {result['rows']} {what} with {predictor.source}{acc}{where}", err=True)
+            skipped = (f"; {len(result['unreadable'])} input(s) could not be read (listed above; --strict stops at "
+                       "the first)" if result["unreadable"] else "")
+            typer.echo(f"predicted {result['rows']} {what} with {predictor.source}{acc}{where}{skipped}", err=True)
 
         run_cli(body)
 

@@ -104,6 +104,7 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     Raises :class:`UnsafeFileError` with one line naming the file."""
     import torch
 
+    _check_torch_zip(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -116,3 +117,23 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for truncated or foreign files
         first = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else ""
         raise UnsafeFileError(path, f"not a readable torch file ({type(err).__name__}: {first})") from None
+
+
+def _check_torch_zip(path: str | os.PathLike) -> None:
+    """Refuse, from the zip index alone, a torch file whose records are compressed: ``torch.save`` stores
+    them, so what loading allocates is bounded by the file's size; a deflated record (a 190 KB file holding a
+    190 MB tensor of zeros) is a decompression bomb. A file that is not a zip archive is not a torch file
+    this project writes (the legacy pre-1.6 format is not read)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise UnsafeFileError(path, f"not a readable torch file ({type(err).__name__}: not a torch zip archive)"
+                              ) from None
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise UnsafeFileError(path, f"refused: {len(packed)} compressed record(s) (e.g. {packed[0]!r}); torch.save "
+                              "stores its records uncompressed, and a compressed one can inflate far beyond the "
+                              "file's size")

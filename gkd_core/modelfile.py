@@ -15,15 +15,17 @@ back by :func:`meta_from_onnx_props`), so an ``.onnx`` file alone is enough to f
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from gkd_core.io import UnsafeFileError, safe_torch_load, torch_save
+from gkd_core.limits import LimitError, limits
 from gkd_core.models import build_model
 from gkd_core.sections import ModelConfig
 
@@ -54,6 +56,25 @@ class ModelMeta(BaseModel):
     classes: list[str]
     data_hash: Optional[str] = None
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelMeta":
+        """What the fields say must agree: one class name per class, one mean and std per channel, finite
+        statistics and std > 0 (else predictions are silently NaN), an input size within bounds."""
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"{len(self.classes)} class names for num_classes = {self.num_classes}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("class names repeat")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != self.in_channels:
+                raise ValueError(f"{name} has {len(values)} values for in_channels = {self.in_channels}")
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name} holds a non-finite value {values}")
+        if not all(v > 0 for v in self.std):
+            raise ValueError(f"std must be > 0, got {self.std}")
+        if self.image_hw is not None and not all(1 <= v <= 8192 for v in self.image_hw):
+            raise ValueError(f"image_hw {list(self.image_hw)} outside 1..8192")
+        return self
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -92,15 +113,20 @@ def save_model(model: nn.Module, model_cfg: ModelConfig, data: Any, path: str | 
 def read_model(path: str | os.PathLike) -> tuple[nn.Module, ModelMeta]:
     """Load a file written by :func:`save_model`: ``(model in eval mode on CPU, its metadata)``.
 
-    Never runs code from the file (``weights_only``); raises :class:`ModelFileError` with one line for a
-    missing, foreign, unsafe or inconsistent file (weights that do not fit the declared architecture).
+    Never runs code from the file (``weights_only``) and allocates nothing the file does not hold: the file's
+    size is capped (:class:`~gkd_core.limits.InputLimits` ``model_bytes``), its records must be stored
+    uncompressed (:func:`gkd_core.io.safe_torch_load`), the metadata is validated, and every tensor's name and
+    shape is compared with the declared architecture built on the ``meta`` device (no memory) before the
+    network is built for real. Raises :class:`ModelFileError` with one line for a missing, oversized, foreign,
+    unsafe or inconsistent file.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
+        limits().check_model_bytes(path.stat().st_size, str(path))
         blob = safe_torch_load(path)
-    except UnsafeFileError as err:
+    except (UnsafeFileError, LimitError) as err:
         raise ModelFileError(str(err)) from None
     if not isinstance(blob, dict) or blob.get("format") not in _READABLE:
         got = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
@@ -109,11 +135,12 @@ def read_model(path: str | os.PathLike) -> tuple[nn.Module, ModelMeta]:
         meta = ModelMeta.model_validate({k: v for k, v in blob.items() if k != "state_dict"})
     except ValidationError as err:
         first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
+        field = ".".join(str(p) for p in first["loc"]) or "metadata"
         raise ModelFileError(f"{path}: invalid model metadata: {field}: {first['msg']}") from None
     state = blob.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(f"{path}: the file holds no state_dict of tensors")
+    _check_shapes(path, meta, state)
     try:
         model = build_model(meta.model.name, num_classes=meta.num_classes, in_channels=meta.in_channels,
                             width=meta.model.width)
@@ -124,6 +151,32 @@ def read_model(path: str | os.PathLike) -> tuple[nn.Module, ModelMeta]:
         raise ModelFileError(f"{path}: its weights do not fit the architecture it declares "
                              f"({meta.describe()}): {detail}") from None
     return model.eval(), meta
+
+
+def _check_shapes(path: Path, meta: ModelMeta, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights whose names or shapes differ from the declared architecture, comparing with a skeleton
+    on the ``meta`` device: metadata declaring a network far larger than the file's tensors (a 1 KB file
+    claiming mobilenetv2 x8 with 100,000 classes, ~4.5 GB) is refused before any of it is allocated."""
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(meta.model.name, num_classes=meta.num_classes, in_channels=meta.in_channels,
+                                   width=meta.model.width)
+    except (RuntimeError, ValueError) as err:
+        raise ModelFileError(f"{path}: cannot build the architecture it declares ({meta.describe()}): "
+                             f"{str(err).strip().splitlines()[0][:200]}") from None
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    problem = ""
+    if missing := [k for k in want if k not in got]:
+        problem = f"missing {len(missing)} tensor(s), e.g. {missing[0]!r}"
+    elif unexpected := [k for k in got if k not in want]:
+        problem = f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]!r}"
+    elif wrong := [k for k in want if want[k] != got[k]]:
+        k = wrong[0]
+        problem = f"{len(wrong)} tensor(s) of another shape, e.g. {k!r} is {list(got[k])}, the architecture has {list(want[k])}"
+    if problem:
+        raise ModelFileError(f"{path}: its weights do not fit the architecture it declares ({meta.describe()}): "
+                             f"{problem}")
 
 
 def check_model(meta: ModelMeta, path: str | os.PathLike, role: str, data: Any,

@@ -3,8 +3,12 @@
 What a model file says about its input (:class:`~gkd_core.modelfile.ModelMeta`: channels, size, mean/std,
 classes) is all the preprocessing needs, so a model predicts on images the way it was trained:
 
-* an image is encoded bytes (PNG, JPEG, ... decoded with PIL), a path to such a file, or a uint8 array
-  (``H x W``, ``H x W x C`` or ``C x H x W``); base64 text of encoded bytes is accepted too (JSON clients);
+* an image is encoded bytes (PNG, JPEG, ... decoded with PIL), a uint8 array (``H x W``, ``H x W x C`` or
+  ``C x H x W``) or base64 text of encoded bytes (JSON clients); a :class:`~pathlib.Path` to an image file
+  only where the caller allows files (``gkd predict``; the served model never does). A string is never
+  taken as a path: a request could otherwise read, or probe for, files on the server;
+* every input is checked against :class:`~gkd_core.limits.InputLimits` before it is decoded (bytes per
+  image, pixels from the header, images per request);
 * it is converted to the model's channels (L or RGB), resized (bilinear, as ``dataset.image_size`` does) when
   its size differs from the model's, and normalised with the training statistics.
 
@@ -30,6 +34,7 @@ import binascii
 import csv
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -43,14 +48,18 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from gkd_core.data import DatasetError, Normalizer, PreparedData, is_archive, iter_images
+from gkd_core.data import (DatasetError, Normalizer, PreparedData, Refused, is_archive, iter_images, open_image,
+                           read_image_file)
 from gkd_core.engine import resolve_device
 from gkd_core.io import atomic_write
+from gkd_core.limits import InputLimits, LimitError, limits
 from gkd_core.modelfile import ModelFileError, ModelMeta, meta_from_onnx_props, read_model
 
 __all__ = ["ImageInputError", "Prediction", "to_uint8_chw", "images_to_batch", "classify", "predictions_table",
            "Predictor", "TorchPredictor", "OnnxPredictor", "open_model", "image_sources", "split_batches",
            "image_batches", "predict_batches", "PredictionRow", "PredictionWriter", "OUTPUT_FORMATS"]
+
+log = logging.getLogger(__name__)
 
 ImageLike = Union[bytes, bytearray, str, os.PathLike, np.ndarray, Sequence[Any]]
 
@@ -76,16 +85,27 @@ def _to_model_input(im: Image.Image, channels: int, hw: tuple[int, int]) -> np.n
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _decode(data: bytes, channels: int, hw: tuple[int, int], name: str) -> np.ndarray:
+# The one answer to a value that is not an image, whether it is not base64 or base64 of something PIL cannot
+# read: a request learns nothing from it but that (and never anything about files on the server).
+NOT_AN_IMAGE = "cannot decode image: expected PNG, JPEG or another format PIL reads, as bytes or base64 text"
+
+
+def _decode(data: bytes, channels: int, hw: tuple[int, int], name: str, lim: InputLimits,
+            reason: Optional[str] = None) -> np.ndarray:
+    """``reason``: what to say when the bytes do not decode (default: the decoder's error type)."""
+    lim.check_file_bytes(len(data), name)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data, lim, name) as im:
             im.load()
             return _to_model_input(im, channels, hw)
+    except LimitError:
+        raise
     except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable image
-        raise ImageInputError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
+        # never PIL's text: it carries object addresses
+        raise ImageInputError(f"{name}: {reason or f'cannot decode image ({type(err).__name__})'}") from None
 
 
-def _from_array(arr: np.ndarray, channels: int, hw: tuple[int, int], name: str) -> np.ndarray:
+def _from_array(arr: np.ndarray, channels: int, hw: tuple[int, int], name: str, lim: InputLimits) -> np.ndarray:
     if arr.dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.integer) or arr.size == 0 or arr.min() < 0 or arr.max() > 255:
             raise ImageInputError(f"{name}: expected uint8 pixel values 0..255, got a {arr.dtype} array")
@@ -99,37 +119,70 @@ def _from_array(arr: np.ndarray, channels: int, hw: tuple[int, int], name: str) 
     else:
         raise ImageInputError(f"{name}: expected an image array H x W, H x W x C or C x H x W (C = 1 or 3), got "
                               f"shape {tuple(arr.shape)}")
+    lim.check_pixels(chw.shape[2], chw.shape[1], name)
     if chw.shape[0] == channels and tuple(chw.shape[1:]) == hw:
         return np.ascontiguousarray(chw)
     mode, hwc = ("L", chw[0]) if chw.shape[0] == 1 else ("RGB", chw.transpose(1, 2, 0))
     return _to_model_input(Image.fromarray(np.ascontiguousarray(hwc), mode), channels, hw)
 
 
-def to_uint8_chw(item: ImageLike, meta: ModelMeta, name: str = "image") -> np.ndarray:
-    """One input as the model's uint8 ``C x H x W`` image (see the module docstring)."""
+def _as_array(item: Sequence[Any], name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(item)
+    except (ValueError, TypeError):  # ragged nesting
+        raise ImageInputError(f"{name}: pixels are not a rectangular array (rows of different lengths)") from None
+    if arr.dtype == object:
+        raise ImageInputError(f"{name}: pixels are not a rectangular array of integers")
+    return arr
+
+
+def to_uint8_chw(item: Any, meta: ModelMeta, name: str = "image", allow_files: bool = True,
+                 lim: Optional[InputLimits] = None) -> np.ndarray:
+    """One input as the model's uint8 ``C x H x W`` image (see the module docstring); raises
+    :class:`ImageInputError` with one line. ``allow_files``: whether a :class:`~pathlib.Path` is read."""
+    lim = lim or limits()
     channels, hw = meta.in_channels, meta.input_hw
-    if isinstance(item, (bytes, bytearray)):
-        return _decode(bytes(item), channels, hw, name)
-    if isinstance(item, np.ndarray):
-        return _from_array(item, channels, hw, name)
-    if isinstance(item, (str, os.PathLike)):
-        path = Path(item)
-        if isinstance(item, os.PathLike) or (len(str(item)) < 4096 and path.is_file()):
-            if not path.is_file():
-                raise ImageInputError(f"{path}: image file not found")
-            return _decode(path.read_bytes(), channels, hw, str(path))
-        try:
-            return _decode(base64.b64decode(str(item), validate=True), channels, hw, name)
-        except (binascii.Error, ValueError):
-            raise ImageInputError(f"{name}: neither an existing file nor base64-encoded image bytes") from None
-    if isinstance(item, (list, tuple)):
-        return _from_array(np.asarray(item), channels, hw, name)
+    try:
+        if isinstance(item, Refused):
+            raise ImageInputError(item.reason)
+        if isinstance(item, (bytes, bytearray)):
+            return _decode(bytes(item), channels, hw, name, lim, NOT_AN_IMAGE)
+        if isinstance(item, np.ndarray):
+            return _from_array(item, channels, hw, name, lim)
+        if isinstance(item, str):
+            lim.check_file_bytes(len(item) * 3 // 4, name)  # base64 is 4/3 of the bytes: refuse before decoding
+            try:
+                data = base64.b64decode(item, validate=True)
+            except (binascii.Error, ValueError):
+                raise ImageInputError(f"{name}: {NOT_AN_IMAGE}") from None
+            return _decode(data, channels, hw, name, lim, NOT_AN_IMAGE)
+        if isinstance(item, os.PathLike):
+            if not allow_files:
+                raise ImageInputError(f"{name}: file paths are not accepted here; send the image's bytes")
+            path = Path(item)
+            try:
+                data = read_image_file(path, lim)
+            except OSError as err:
+                raise ImageInputError(f"{path}: cannot read ({err.strerror or err})") from None
+            return _decode(data, channels, hw, str(path), lim)
+        if isinstance(item, (list, tuple)):
+            return _from_array(_as_array(item, name), channels, hw, name, lim)
+    except LimitError as err:
+        raise ImageInputError(str(err)) from None
     raise ImageInputError(f"{name}: cannot use a {type(item).__name__} as an image")
 
 
-def images_to_batch(items: Iterable[ImageLike], meta: ModelMeta) -> torch.Tensor:
-    """Inputs -> one uint8 ``N x C x H x W`` tensor in the model's input format."""
-    arrays = [to_uint8_chw(item, meta, f"input {i}") for i, item in enumerate(items)]
+def images_to_batch(items: Iterable[Any], meta: ModelMeta, allow_files: bool = True) -> torch.Tensor:
+    """Inputs -> one uint8 ``N x C x H x W`` tensor in the model's input format (at most
+    ``request_rows`` of them when files are not allowed, i.e. for a request to the served model)."""
+    lim = limits()
+    items = list(items)
+    if not allow_files:
+        try:
+            lim.check_rows(len(items))
+        except LimitError as err:
+            raise ImageInputError(str(err)) from None
+    arrays = [to_uint8_chw(item, meta, f"input {i}", allow_files, lim) for i, item in enumerate(items)]
     if not arrays:
         raise ImageInputError("no images given")
     return torch.from_numpy(np.stack(arrays))
@@ -200,13 +253,36 @@ class OnnxPredictor:
         props = dict(self.session.get_modelmeta().custom_metadata_map)
         self.meta = meta_from_onnx_props(props, str(path))
         self.source = source or str(path)
-        self._input = self.session.get_inputs()[0].name
+        self._input = _check_onnx_graph(self.session, self.meta, str(path))
         self._normalise = Normalizer(self.meta.mean, self.meta.std, self.meta.in_channels, torch.device("cpu"))
 
     def probabilities(self, x_uint8: torch.Tensor) -> torch.Tensor:
         x = self._normalise(x_uint8.cpu()).numpy().astype(np.float32, copy=False)
         logits = self.session.run(None, {self._input: np.ascontiguousarray(x)})[0]
         return torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)), dim=1)
+
+
+def _check_onnx_graph(session: Any, meta: ModelMeta, where: str) -> str:
+    """The graph must take what its metadata says (one float input ``N x C x H x W``) and give one score per
+    class: metadata that disagrees with the graph would feed it wrongly shaped or normalised images, or
+    label its outputs with the wrong classes. Returns the input's name; raises ModelFileError (one line)."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or not outputs:
+        raise ModelFileError(f"{where}: the graph has {len(inputs)} inputs and {len(outputs)} outputs; a gkd "
+                             "classifier has one image input and a logits output")
+    h, w = meta.input_hw
+    want_in = [None, meta.in_channels, h, w]
+    got_in = list(inputs[0].shape)
+    got_out = list(outputs[0].shape)
+    fixed = lambda got, want: len(got) == len(want) and all(  # noqa: E731 - symbolic dims (batch) match anything
+        x is None or not isinstance(g, int) or g == x for g, x in zip(got, want))
+    if not fixed(got_in, want_in):
+        raise ModelFileError(f"{where}: the graph's input is {got_in}, its metadata says N x {meta.in_channels} x "
+                             f"{h} x {w}: export it again (dvc repro export_onnx)")
+    if not fixed(got_out, [None, meta.num_classes]):
+        raise ModelFileError(f"{where}: the graph's output is {got_out}, its metadata lists {meta.num_classes} "
+                             "classes: export it again (dvc repro export_onnx)")
+    return inputs[0].name
 
 
 def open_model(path: str | os.PathLike, device: str = "cpu", source: Optional[str] = None) -> Predictor:
@@ -216,39 +292,59 @@ def open_model(path: str | os.PathLike, device: str = "cpu", source: Optional[st
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     if path.suffix.lower() == ".onnx":
+        try:
+            limits().check_model_bytes(path.stat().st_size, str(path))
+        except LimitError as err:
+            raise ModelFileError(str(err)) from None
         return OnnxPredictor(path, source)
     return TorchPredictor.from_file(path, device, source)
 
 
-ImageSource = tuple[str, Union[bytes, Path]]  # (the name shown in the output, file path or encoded bytes)
+ImageSource = tuple[str, Union[bytes, Path, Refused]]  # (the name shown in the output, what to decode)
 
 
-def image_sources(inputs: Sequence[str | os.PathLike]) -> Iterator[ImageSource]:
+def image_sources(inputs: Sequence[str | os.PathLike], keep_going: bool = False) -> Iterator[ImageSource]:
     """Every image of ``inputs`` in order: an image file itself; a folder's or a tar archive's images under
     the image_folder dataset's rules (:func:`gkd_core.data.iter_images`). A folder's image is named by its
-    path, an archive member ``<archive>:<member path>``. Raises :class:`ImageInputError` (one line)."""
+    path, an archive member ``<archive>:<member path>``. An input that cannot be listed (missing, not a
+    regular file, a corrupt archive) raises :class:`ImageInputError` (one line), or with ``keep_going`` comes
+    as a :class:`~gkd_core.data.Refused` entry and the listing goes on."""
     for item in inputs:
         path = Path(item)
-        if not path.exists():
-            raise ImageInputError(f"{path}: no such file or folder")
-        if path.is_file() and not is_archive(path):
-            yield str(path), path
-            continue
         try:
-            for parts, data in iter_images(path):
-                name = f"{path}:{'/'.join(parts)}" if isinstance(data, bytes) else str(data)
+            if not path.exists():
+                raise ImageInputError(f"{path}: no such file or folder")
+            if path.is_file() and not is_archive(path):
+                yield str(path), path
+                continue
+            if not path.is_dir() and not path.is_file():
+                raise ImageInputError(f"{path}: not a regular file or folder")
+            for parts, data in iter_images(path, keep_going):
+                name = f"{path}:{'/'.join(parts)}" if not isinstance(data, Path) else str(data)
                 yield name, data
-        except DatasetError as err:
-            raise ImageInputError(str(err)) from None
+        except (ImageInputError, DatasetError) as err:
+            if not keep_going:
+                raise ImageInputError(str(err)) from None
+            yield str(path), Refused(str(err))
 
 
-def image_batches(sources: Iterable[ImageSource], meta: ModelMeta, batch_size: int
-                  ) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """``(names, uint8 batch in the model's input format)`` of at most ``batch_size`` images each."""
+def image_batches(sources: Iterable[ImageSource], meta: ModelMeta, batch_size: int,
+                  unreadable: Optional[list[tuple[str, str]]] = None) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """``(names, uint8 batch in the model's input format)`` of at most ``batch_size`` images each. An image
+    that cannot be read raises :class:`ImageInputError`, or, given an ``unreadable`` list, is appended to it
+    as ``(name, reason)``, logged, and left out."""
+    lim = limits()
     names: list[str] = []
     arrays: list[np.ndarray] = []
     for name, data in sources:
-        arrays.append(to_uint8_chw(data, meta, name))
+        try:
+            arrays.append(to_uint8_chw(data, meta, name, True, lim))
+        except ImageInputError as err:
+            if unreadable is None:
+                raise
+            unreadable.append((name, str(err)))
+            log.warning("skipped: %s", err)
+            continue
         names.append(name)
         if len(arrays) == batch_size:
             yield names, torch.from_numpy(np.stack(arrays))
@@ -350,10 +446,13 @@ def _num(v: float) -> str:
 def run_prediction(predictor: Predictor, inputs: Sequence[str | os.PathLike] = (), split: Optional[str] = None,
                    data: Optional[PreparedData] = None, out: Optional[str | os.PathLike] = None,
                    batch_size: int = 256, progress: Optional[bool] = None,
-                   stream: Optional[TextIO] = None) -> dict[str, Any]:
+                   stream: Optional[TextIO] = None, strict: bool = False) -> dict[str, Any]:
     """``gkd predict``'s body: predict on ``inputs`` (files, folders, archives) or on ``split`` of ``data``,
-    write or print the rows; returns ``{"rows", "out", "accuracy" (split only)}``."""
+    write or print the rows; returns ``{"rows", "out", "unreadable", "accuracy" (split only)}``. An input that
+    cannot be read is reported and left out (``unreadable``: ``(name, reason)`` pairs), or with ``strict``
+    ends the run; when no input at all could be read it is an error."""
     meta = predictor.meta
+    unreadable: list[tuple[str, str]] = []
     if batch_size < 1:
         raise ImageInputError(f"--batch-size must be at least 1, got {batch_size}")
     if split is not None:
@@ -371,10 +470,17 @@ def run_prediction(predictor: Predictor, inputs: Sequence[str | os.PathLike] = (
             raise ImageInputError("nothing to predict: give image files, folders or archives, or --split")
         writer = PredictionWriter(meta.classes, "path", out, stream)
         targets = None
-        batches = image_batches(image_sources(inputs), meta, batch_size)
+        batches = image_batches(image_sources(inputs, keep_going=not strict), meta, batch_size,
+                                None if strict else unreadable)
         total = None if any(Path(p).is_dir() or is_archive(p) for p in inputs) else len(inputs)
     rows = writer.write(predict_batches(predictor, batches, total, progress), targets)
-    result: dict[str, Any] = {"rows": rows, "out": str(out) if out is not None else None}
+    if unreadable and not rows:
+        if out is not None:
+            Path(out).unlink(missing_ok=True)  # no output for a run that predicted nothing
+        raise ImageInputError(f"none of the inputs could be read ({len(unreadable)} refused; the first: "
+                              f"{unreadable[0][1]})")
+    result: dict[str, Any] = {"rows": rows, "out": str(out) if out is not None else None,
+                              "unreadable": unreadable}
     if targets is not None and rows:
         result["accuracy"] = writer.correct / rows
     return result

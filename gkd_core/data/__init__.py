@@ -21,10 +21,13 @@ from gkd_core.data.augment import Normalizer, batch_augment, epoch_plan, normali
 from gkd_core.data.image_folder import (
     ARCHIVE_SUFFIXES,
     IMAGE_EXTENSIONS,
+    Refused,
     check_image_folder_source,
     is_archive,
     iter_images,
     load_image_folder_raw,
+    open_image,
+    read_image_file,
 )
 from gkd_core.data.loaders import DeviceLoader, Loader, TorchLoader, choose_loader, make_loaders
 from gkd_core.data.prepared import (
@@ -75,6 +78,9 @@ __all__ = [
     "check_image_folder_source",
     "is_archive",
     "iter_images",
+    "Refused",
+    "open_image",
+    "read_image_file",
     "load_image_folder_raw",
     # prepared data
     "PREPARED_FORMAT",

@@ -13,11 +13,13 @@ import io
 import logging
 import lzma
 import os
+import stat
 import tarfile
 import time
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -25,6 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from gkd_core.limits import InputLimits, LimitError, limits
 from gkd_core.sections import DatasetConfig
 from gkd_core.data.raw import TEST_FRACTION, TEST_SPLIT_SEED, DatasetError, RawDataset, _root, stratified_split
 
@@ -33,6 +36,14 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
 _DECODE_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Stands in for an image's bytes that were not read (over a limit, not a regular file): ``reason`` is
+    the one line to report. Yielded by :func:`iter_images` with ``keep_going``; the dataset reader refuses."""
+
+    reason: str
 
 
 def _is_archive(path: Path) -> bool:
@@ -65,16 +76,25 @@ def _unsafe_member(member: tarfile.TarInfo) -> Optional[str]:
     return None
 
 
-def _iter_archive(path: Path) -> Iterator[tuple[tuple[str, ...], bytes]]:
+def _iter_archive(path: Path, lim: InputLimits, keep_going: bool = False
+                  ) -> Iterator[tuple[tuple[str, ...], Union[bytes, Refused]]]:
     """Yield ``(path parts, bytes)`` of the image members of a tar archive, in archive order (one pass).
 
     Links, devices and names that leave the archive (``..``, absolute) are never read; they are counted and
-    reported once, with examples, at the end."""
-    count = 0
+    reported once, with examples, at the end. A member over ``lim.file_bytes`` is refused by its header,
+    before it is read (with ``keep_going``: yielded as :class:`Refused`); an archive of more than
+    ``lim.archive_members`` entries is refused when it gets there. Read members are not kept (a streamed
+    ``TarFile`` would otherwise hold every header until the end)."""
+    count = entries = 0
     skipped: list[tuple[str, str]] = []
     try:
         with tarfile.open(path, "r|*") as tf:
             for member in tf:
+                tf.members = []  # stream mode appends every header; nothing here needs them again
+                entries += 1
+                if entries > lim.archive_members:
+                    raise LimitError(f"{path}: more than {lim.archive_members:,} archive entries "
+                                     "(GKD_MAX_ARCHIVE_MEMBERS)")
                 why = _unsafe_member(member)
                 if why is not None:
                     skipped.append((member.name, why))
@@ -84,12 +104,21 @@ def _iter_archive(path: Path) -> Iterator[tuple[tuple[str, ...], bytes]]:
                 parts = _split_name(member.name)
                 if not _is_image_name(parts):
                     continue
+                if member.size > lim.file_bytes:
+                    refusal = (f"{path}: member {member.name}: {member.size:,} bytes, over the limit of "
+                               f"{lim.file_bytes:,} bytes per image (GKD_MAX_FILE_BYTES)")
+                    if not keep_going:
+                        raise LimitError(refusal)
+                    yield parts, Refused(refusal)
+                    continue
                 fh = tf.extractfile(member)
-                data = fh.read() if fh is not None else b""
+                data = fh.read(member.size) if fh is not None else b""
                 if len(data) != member.size:
                     raise EOFError(f"member {member.name} truncated ({len(data)} of {member.size} bytes)")
                 count += 1
                 yield parts, data
+    except LimitError as err:
+        raise DatasetError(str(err)) from None
     except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as err:
         raise DatasetError(
             f"{path}: corrupt or truncated archive after {count} images ({type(err).__name__}: {err})"
@@ -105,14 +134,28 @@ def _iter_archive(path: Path) -> Iterator[tuple[tuple[str, ...], bytes]]:
 
 
 def _iter_directory(path: Path) -> list[tuple[tuple[str, ...], Path]]:
+    """The image files of a folder tree, sorted; entries that are not regular files (FIFOs, sockets,
+    devices: reading one can block forever) are skipped and reported once."""
     items = []
+    special: list[str] = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(path).parts
         for name in sorted(filenames):
             parts = (*rel, name)
             if _is_image_name(parts):
-                items.append((parts, Path(dirpath) / name))
+                file = Path(dirpath) / name
+                try:
+                    mode = file.stat().st_mode
+                except OSError:
+                    mode = 0
+                if not stat.S_ISREG(mode):
+                    special.append(str(file))
+                    continue
+                items.append((parts, file))
+    if special:
+        log.warning("%s: skipped %d entries that are not regular files (FIFOs, sockets, devices, broken links), "
+                    "e.g. %s", path, len(special), special[0])
     return items
 
 
@@ -121,35 +164,63 @@ def is_archive(path: str | os.PathLike) -> bool:
     return _is_archive(Path(path))
 
 
-def iter_images(source: str | os.PathLike) -> Iterator[tuple[tuple[str, ...], Union[bytes, Path]]]:
+def iter_images(source: str | os.PathLike, keep_going: bool = False
+                ) -> Iterator[tuple[tuple[str, ...], Union[bytes, Path, Refused]]]:
     """The images of a folder or a tar archive, under the reading rules of the image_folder dataset (image
     extensions only, hidden files and folders skipped; a folder in sorted order, an archive in one streaming
-    pass): ``(path parts relative to the source, file path or member bytes)``. Used by ``gkd predict``."""
+    pass): ``(path parts relative to the source, file path or member bytes)``; with ``keep_going`` a member
+    over the size limit comes as :class:`Refused` instead of ending the listing. Used by ``gkd predict``."""
     path = Path(source)
     if path.is_dir():
         yield from _iter_directory(path)
     elif _is_archive(path) and path.is_file():
-        yield from _iter_archive(path)
+        yield from _iter_archive(path, limits(), keep_going)
     else:
         raise DatasetError(f"{path}: not a folder or a tar archive ({', '.join(ARCHIVE_SUFFIXES)})")
 
 
-def _decode_image(data: Union[bytes, Path], name: str, size: Optional[int]) -> np.ndarray:
+def read_image_file(path: Path, lim: InputLimits) -> bytes:
+    """The bytes of one image file: a regular file within ``lim.file_bytes`` (a FIFO would block, a huge
+    file would be read whole), else :class:`LimitError` / :class:`OSError` naming it."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"{path}: not a regular file")
+    lim.check_file_bytes(st.st_size, str(path))
+    with open(path, "rb") as fh:
+        return fh.read(lim.file_bytes + 1)
+
+
+def open_image(data: bytes, lim: InputLimits, name: str) -> Image.Image:
+    """A lazily opened PIL image whose header size is within ``lim.image_pixels`` (checked before decoding:
+    a small PNG can declare gigabytes of pixels). The caller loads and closes it."""
+    im = Image.open(io.BytesIO(data))
+    try:
+        lim.check_pixels(im.size[0], im.size[1], name)
+    except LimitError:
+        im.close()
+        raise
+    return im
+
+
+def _decode_image(data: Union[bytes, Path], name: str, size: Optional[int], lim: InputLimits) -> np.ndarray:
     try:
         if isinstance(data, Path):
-            data = data.read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
+            data = read_image_file(data, lim)
+        with open_image(data, lim, name) as im:
             im.load()
             rgb = im if im.mode == "RGB" else im.convert("RGB")
             if size is not None and rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8)
+    except LimitError as err:
+        raise DatasetError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - any decoder failure is a corrupt member
         raise DatasetError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 
 
-def _decode_chunk(chunk: list[tuple[str, Union[bytes, Path]]], size: Optional[int]) -> list[np.ndarray]:
-    return [_decode_image(data, name, size) for name, data in chunk]
+def _decode_chunk(chunk: list[tuple[str, Union[bytes, Path]]], size: Optional[int],
+                  lim: InputLimits) -> list[np.ndarray]:
+    return [_decode_image(data, name, size, lim) for name, data in chunk]
 
 
 def _decode_all(
@@ -160,6 +231,7 @@ def _decode_all(
 ) -> tuple[list[tuple[str, ...]], list[np.ndarray]]:
     """Decode ``items`` in chunks on a thread pool while the caller's iterator keeps reading."""
     Image.init()  # register the format plugins once, before threads race to do it
+    lim = limits()  # the caller's, handed to the decoding threads (a context-local override does not reach them)
     workers = max(1, min(8, os.cpu_count() or 1))
     names: list[tuple[str, ...]] = []
     arrays: list[np.ndarray] = []
@@ -180,11 +252,11 @@ def _decode_all(
             label = f"{source}: member {'/'.join(parts)}" if isinstance(data, bytes) else str(data)
             chunk.append((label, data))
             if len(chunk) >= _DECODE_CHUNK:
-                pending.append(pool.submit(_decode_chunk, chunk, size))
+                pending.append(pool.submit(_decode_chunk, chunk, size, lim))
                 chunk = []
                 drain(2 * workers)
         if chunk:
-            pending.append(pool.submit(_decode_chunk, chunk, size))
+            pending.append(pool.submit(_decode_chunk, chunk, size, lim))
         drain(0)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -241,7 +313,7 @@ def load_image_folder_raw(cfg: DatasetConfig) -> RawDataset:
         listing = _iter_directory(source)
         names, arrays = _decode_all(listing, source, cfg.image_size, total=len(listing))
     else:
-        names, arrays = _decode_all(_iter_archive(source), source, cfg.image_size, total=None)
+        names, arrays = _decode_all(_iter_archive(source, limits()), source, cfg.image_size, total=None)
     if not names:
         raise DatasetError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
     assignment, has_test = _assign_layout(names, source)
