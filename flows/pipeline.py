@@ -215,8 +215,8 @@ def pipeline(
             parent_run.log_file(name)
         if register_model:
             registration = register_task(paths, parent_run_id=parent)
-        if promote:
-            decision = promote_task(paths)
+        if promote:  # this run's version, not whatever `challenger` points to by now (another pipeline's)
+            decision = promote_task(paths, version=registration["version"] if register_model else None)
         for number, method in enumerate(baselines, 1):  # same teacher, same seed, only the method differs
             log.info("baseline %d/%d: %s (the same teacher, data and seed, only the method differs)", number,
                      len(baselines), method)

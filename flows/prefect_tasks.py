@@ -21,7 +21,7 @@ from tasks import dvc_ops
 from tasks.dvc_ops import StageFailed
 from tasks.cli import configure_logging
 from tasks.paths import PARAMS_FILE
-from tasks.promote import promote
+from tasks.promote import PromotionError, promote
 from tasks.register import register
 from tasks.sweep import sweep_point
 
@@ -56,6 +56,8 @@ def retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
     input or diverged (:class:`StageFailed` with ``retryable=False``), a run that went non-finite."""
     exc = state.result(raise_on_failure=False)
     if isinstance(exc, StageFailed):
+        return exc.retryable
+    if isinstance(exc, PromotionError):  # a timeout may pass, a deleted run or a 403 will not
         return exc.retryable
     return not isinstance(exc, (UserError, NonFiniteLossError))
 

@@ -13,9 +13,8 @@ A ``models:/...`` or ``runs:/...`` URI is resolved through the tracking server o
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
-from typing import Optional
+
 
 from gkd_core.cli import build_app, open_local_model
 from gkd_core.cli_support import UserError
@@ -38,29 +37,19 @@ def open_model(model: str, device: str = "cpu") -> Predictor:
         return open_local_model(model, device)
     try:
         # lazy: MLflow is the pipeline's dependency (the `.[pipeline]` extra); a local model file never needs it
-        from tasks.registry import download_model_file
+        from tasks.registry import downloaded_model_file
     except ImportError as err:
         raise UserError(f"--model {model}: reading an MLflow model URI needs MLflow ({err}); "
                         "`pip install -e '.[pipeline]'`, or pass a local .pt/.onnx file") from None
     import mlflow.exceptions
 
     try:
-        path = download_model_file(model)
+        with downloaded_model_file(model) as path:  # the model is read into memory; the copy is removed
+            logger.info("%s: model file downloaded (%s)", model, path.name)
+            return TorchPredictor.from_file(path, device, source=model)
     except (mlflow.exceptions.MlflowException, FileNotFoundError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"--model {model}: {first}") from None
-    try:
-        logger.info("%s: model file downloaded (%s)", model, path.name)
-        return TorchPredictor.from_file(path, device, source=model)
-    finally:
-        folder = _download_root(path)
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)  # the model is in memory: the downloaded copy is not needed
-
-
-def _download_root(path: Path) -> Optional[Path]:
-    """The temporary folder download_model_file created (``gkd-model-*``) above ``path``, if any."""
-    return next((parent for parent in path.parents if parent.name.startswith("gkd-model-")), None)
 
 
 app = build_app(open_model, MODEL_HELP)

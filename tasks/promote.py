@@ -7,11 +7,22 @@ Rules (params ``promote.*``):
 * a challenger whose ONNX parity did not pass, or whose run lacks the metric, is refused;
 * so is one below a floor (the first champion too): test accuracy under ``min_accuracy``, not above chance
   (1 / classes) by ``min_above_chance``, or more than ``max_below_teacher`` under the teacher's;
+* a challenger is compared only with a champion evaluated on the same data: the same prepared-data hash and
+  the same classes (version tags ``data_sha256``, ``classes_sha256``, written at registration); otherwise, or
+  when either version does not record them, it is refused with that reason (keep one registered model per
+  dataset: ``mlflow.registered_model_name``);
 * with no champion yet, a challenger that passes those checks becomes champion;
 * otherwise it is promoted when ``improvement > 0`` and ``improvement >= min_improvement``, where
   ``improvement = challenger - champion`` (or the reverse when lower is better); a champion without the
   metric is replaced by any challenger that passes the checks;
-* a challenger that already is the champion leaves everything unchanged.
+* a challenger that already is the champion leaves everything unchanged;
+* before it becomes champion its model file is downloaded and loaded once (tasks.registry): a version whose
+  file cannot be read is refused.
+
+Registry errors are never read as "no champion": only MLflow's "no such registered model" or "alias not
+found" means absent; a timeout, a 5xx, a 403 or a deleted run ends the promotion with :class:`PromotionError`
+naming the call and its cause, and nothing is moved. The pipeline promotes the version it registered
+(``version``), not whatever ``challenger`` points to by then.
 
 Each decision is recorded on the challenger's model version (tags ``promote.*``), as an MLflow run named
 ``promote`` (tags + the report files) and as reports/promote.json and reports/promote.md.
@@ -22,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -33,6 +45,7 @@ from gkd_core.io import atomic_write, write_json
 from tasks import tracking
 from tasks.cli import option, stage_app
 from tasks.paths import PARAMS_FILE, PROMOTE_JSON, PROMOTE_MD, StagePaths
+from tasks.registry import CLASSES_TAG, DATA_TAG
 
 logger = logging.getLogger(__name__)
 CHALLENGER = "challenger"
@@ -40,21 +53,63 @@ CHAMPION = "champion"
 REFUSED_EXIT_CODE = 3  # --fail-on-refuse
 
 
+class PromotionError(RuntimeError):
+    """The registry could not be read or written as promotion needs: nothing was decided or moved. One line.
+    ``retryable``: whether trying again may help (a timeout, a 5xx), not for a deleted run or a 403."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+_FINAL_CODES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
+def _retryable(err: Exception) -> bool:
+    return getattr(err, "error_code", None) not in _FINAL_CODES
+
+
+def _cause(err: Exception) -> str:
+    code = getattr(err, "error_code", None)
+    text = (getattr(err, "message", None) or str(err)).strip().splitlines()
+    return f"{code + ': ' if code else ''}{text[0][:300] if text else type(err).__name__}"
+
+
+def alias_absent(err: MlflowException) -> bool:
+    """Whether ``err`` (from ``get_model_version_by_alias``) says the alias or the registered model does not
+    exist, which is all that may be read as "absent"."""
+    if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return err.error_code == "INVALID_PARAMETER_VALUE" and re.search(r"alias \S+ not found", err.message) is not None
+
+
 def _version_by_alias(client: Any, name: str, alias: str) -> Optional[Any]:
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:  # no such alias, or no such registered model
-        return None
+    except MlflowException as err:
+        if alias_absent(err):
+            return None
+        raise PromotionError(f"reading alias {alias!r} of {name!r} failed ({_cause(err)}): nothing was "
+                             "promoted", _retryable(err)) from None
+    except Exception as err:  # noqa: BLE001 - connection errors, timeouts: not "absent" either
+        raise PromotionError(f"reading alias {alias!r} of {name!r} failed ({type(err).__name__}: {err}): "
+                             "nothing was promoted") from None
 
 
 def describe_version(client: Any, mv: Any, metric: str) -> dict[str, Any]:
-    """What promotion needs to know about a model version: its metric (from its run) and parity."""
+    """What promotion needs to know about a model version: its metric (from its run), parity, and the data
+    and classes it was evaluated on. A run that cannot be read raises :class:`PromotionError`."""
     metrics: dict[str, float] = {}
     if mv.run_id:
         try:
-            metrics = dict(client.get_run(mv.run_id).data.metrics)
-        except MlflowException:
-            metrics = {}
+            run = client.get_run(mv.run_id)
+        except Exception as err:  # noqa: BLE001 - a deleted run, a timeout, a 403: never "no metrics"
+            raise PromotionError(f"reading the run {mv.run_id} of version {mv.version} failed ({_cause(err)}): "
+                                 "nothing was promoted", _retryable(err)) from None
+        if run.info.lifecycle_stage == "deleted":
+            raise PromotionError(f"the run {mv.run_id} of version {mv.version} was deleted: its metrics cannot "
+                                 "be trusted; nothing was promoted", retryable=False)
+        metrics = dict(run.data.metrics)
 
     def finite(key: str) -> Optional[float]:
         v = metrics.get(key)
@@ -63,7 +118,23 @@ def describe_version(client: Any, mv: Any, metric: str) -> dict[str, Any]:
     return {"version": str(mv.version), "run_id": mv.run_id, "value": finite(metric),
             "accuracy": finite("test_accuracy"), "teacher_accuracy": finite("teacher_test_accuracy"),
             "num_classes": finite("num_classes"),
-            "onnx_parity": mv.tags.get("onnx_parity", "unknown"), "method": mv.tags.get("method")}
+            "onnx_parity": mv.tags.get("onnx_parity", "unknown"), "method": mv.tags.get("method"),
+            "data_sha256": mv.tags.get(DATA_TAG) or None, "classes_sha256": mv.tags.get(CLASSES_TAG) or None}
+
+
+def not_comparable(challenger: dict[str, Any], champion: dict[str, Any]) -> Optional[str]:
+    """Why two versions' scores may not be compared (None: same data and classes). Pure."""
+    for key, what in (("data_sha256", "prepared data"), ("classes_sha256", "classes")):
+        a, b = challenger.get(key), champion.get(key)
+        if a is None or b is None:
+            missing = challenger["version"] if a is None else champion["version"]
+            return (f"version {missing} does not record its {what} ({key}; registered before this check): its "
+                    "score cannot be compared; set the champion alias by hand if you mean it")
+        if a != b:
+            return (f"version {challenger['version']} was evaluated on other {what} ({a[:12]}) than champion "
+                    f"version {champion['version']} ({b[:12]}): scores on different test data are not comparable; "
+                    "keep one registered model per dataset (mlflow.registered_model_name)")
+    return None
 
 
 def floor_violation(candidate: dict[str, Any], cfg: Any) -> Optional[str]:
@@ -75,6 +146,8 @@ def floor_violation(candidate: dict[str, Any], cfg: Any) -> Optional[str]:
     if acc < cfg.min_accuracy:
         return f"test accuracy {acc:.4f} of version {version} is below promote.min_accuracy {cfg.min_accuracy:g}"
     classes = candidate.get("num_classes")
+    if not classes:
+        return f"num_classes is missing on version {version}'s run (the chance floor cannot be checked)"
     if classes:
         chance = 1.0 / classes
         if acc < chance + cfg.min_above_chance:
@@ -105,6 +178,9 @@ def decide(challenger: Optional[dict[str, Any]], champion: Optional[dict[str, An
         return "promoted", f"no champion yet; version {challenger['version']} passes the checks", None
     if champion["version"] == challenger["version"]:
         return "unchanged", f"version {challenger['version']} already is the champion", 0.0
+    unlike = not_comparable(challenger, champion)
+    if unlike is not None:
+        return "refused", unlike, None
     if champion["value"] is None:
         return "promoted", f"champion version {champion['version']} has no {metric!r}", None
     diff = challenger["value"] - champion["value"]
@@ -114,6 +190,22 @@ def decide(challenger: Optional[dict[str, Any]], champion: Optional[dict[str, An
     if improvement > 0 and improvement >= min_improvement:
         return "promoted", verdict, improvement
     return "refused", verdict, improvement
+
+
+def _unloadable(name: str, version: str, root: Path) -> Optional[str]:
+    """Why version ``version``'s model file cannot be used (None: downloaded and read once, no code run)."""
+    from gkd_core.modelfile import ModelFileError, read_model
+    from tasks.registry import downloaded_model_file
+
+    try:
+        with downloaded_model_file(f"models:/{name}/{version}", root=root) as path:
+            read_model(path)
+    except ModelFileError as err:
+        return f"the model file of version {version} cannot be loaded: {err}"
+    except (MlflowException, OSError) as err:
+        raise PromotionError(f"downloading version {version}'s model file failed ({_cause(err)}): nothing was "
+                             "promoted", _retryable(err)) from None
+    return None
 
 
 def _markdown(record: dict[str, Any]) -> str:
@@ -150,20 +242,36 @@ def promote(
     parent_run_id: Optional[str] = None,
     challenger_alias: str = CHALLENGER,
     champion_alias: str = CHAMPION,
+    version: Optional[str] = None,
 ) -> dict[str, Any]:
     """Decide, move the alias when promoted, record the decision everywhere; returns the record.
 
-    The decision run is a top-level run of ``params.mlflow.experiment``, or nested under ``parent_run_id``.
+    The challenger is model version ``version`` when given (the pipeline passes the one it registered), else
+    the one ``challenger_alias`` points to. The decision run is a top-level run of ``params.mlflow.experiment``,
+    or nested under ``parent_run_id``. Raises :class:`PromotionError` when the registry cannot be read.
     """
     root = paths.root
     params = load_params_checked(root / params_path, overrides, check_dataset=False)
     cfg, name = params.promote, params.mlflow.registered_model_name
     client = tracking.get_client(root)
-    mv_challenger = _version_by_alias(client, name, challenger_alias)
+    if version is not None:
+        if not str(version).isdigit():
+            raise PromotionError(f"version {version!r}: expected a model version number", retryable=False)
+        try:
+            mv_challenger = client.get_model_version(name, str(version))
+        except Exception as err:  # noqa: BLE001
+            raise PromotionError(f"reading version {version} of {name!r} failed ({_cause(err)})",
+                                 _retryable(err)) from None
+    else:
+        mv_challenger = _version_by_alias(client, name, challenger_alias)
     mv_champion = _version_by_alias(client, name, champion_alias)
     challenger = describe_version(client, mv_challenger, cfg.metric) if mv_challenger else None
     champion = describe_version(client, mv_champion, cfg.metric) if mv_champion else None
     decision, reason, improvement = decide(challenger, champion, cfg)
+    if decision == "promoted":
+        unreadable = _unloadable(name, challenger["version"], root)
+        if unreadable is not None:
+            decision, reason, improvement = "refused", unreadable, improvement
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     champion_after = champion["version"] if champion else None
     if decision == "promoted":

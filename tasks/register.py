@@ -42,7 +42,7 @@ from tasks.cli import option, stage_app
 from tasks.export_onnx import example_batch
 from tasks.inputs import load_model_checked, load_prepared_checked, require_file
 from tasks.paths import EVALUATE_REPORT, EXPORT_REPORT, ONNX, PARAMS_FILE, PREPARED, STUDENT, STUDENT_REPORT, StagePaths
-from tasks.registry import MODEL_FILE_ARTIFACT, SERVING_CODE
+from tasks.registry import CLASSES_TAG, DATA_TAG, MODEL_FILE_ARTIFACT, SERVING_CODE, classes_digest
 from tasks.reports import read_report
 
 logger = logging.getLogger(__name__)
@@ -192,6 +192,8 @@ def register(
         "onnx_sha256": export.get("sha256"),
         "onnx_model_uri": onnx_info.model_uri,
         "method": evaluation.get("method"),
+        DATA_TAG: meta.data_hash,  # what promotion compares: scores on the same data and classes only
+        CLASSES_TAG: classes_digest(meta.classes),
         "pipeline_run_id": parent_run_id or "",
         **{k: v for k, v in provenance.items() if not k.startswith("mlflow.")},
     }

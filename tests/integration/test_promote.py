@@ -129,7 +129,8 @@ def test_decide_is_pure_and_direction_aware() -> None:
     def rule(metric: str = "m", higher: bool = True) -> PromoteConfig:
         return PromoteConfig(metric=metric, higher_is_better=higher)
 
-    facts = {"accuracy": 0.9, "num_classes": 10, "teacher_accuracy": 0.95, "onnx_parity": "passed"}
+    facts = {"accuracy": 0.9, "num_classes": 10, "teacher_accuracy": 0.95, "onnx_parity": "passed",
+             "data_sha256": "d" * 64, "classes_sha256": "c" * 64}
     champ = {"version": "1", "value": 0.30, **facts}
     chall = {"version": "2", "value": 0.25, **facts}
     assert decide(chall, champ, rule("test_ece", higher=False))[0] == "promoted"
@@ -156,3 +157,126 @@ def test_floors_refuse_even_the_first_champion(facts: dict, rule: dict, why: str
     assert decision == "refused" and why in reason
     fine = {**candidate, "accuracy": 0.9, "value": 0.9, "teacher_accuracy": 0.95}
     assert decide(fine, None, PromoteConfig(**rule))[0] == "promoted"
+
+
+# --- a registry a team shares (issue 23: like data only, errors are not absence, the file loads) -----------
+
+
+def test_a_challenger_on_other_data_or_classes_is_refused(registry: Path, tmp_path: Path) -> None:
+    from tasks import tracking
+    from tasks.registry import CLASSES_TAG, DATA_TAG
+
+    root = registry
+    client = tracking.get_client(root)
+    edit_params(root, {"promote.max_below_teacher": None})
+    v1 = _register(root, tmp_path, 0.80)
+    assert client.get_model_version(NAME, v1).tags[DATA_TAG]  # written at registration
+    assert _promote(root)["decision"] == "promoted"
+
+    v2 = _register(root, tmp_path, 0.97)  # better, but evaluated on another dataset
+    client.set_model_version_tag(NAME, v2, DATA_TAG, "f" * 64)
+    rec = _promote(root)
+    assert rec["decision"] == "refused" and "other prepared data" in rec["reason"], rec["reason"]
+    assert _aliases(root)["champion"] == v1
+    assert client.get_model_version(NAME, v2).tags["promote.decision"] == "refused"
+
+    v3 = _register(root, tmp_path, 0.98)  # same data, other class order
+    client.set_model_version_tag(NAME, v3, CLASSES_TAG, "0" * 64)
+    rec = _promote(root)
+    assert rec["decision"] == "refused" and "other classes" in rec["reason"], rec["reason"]
+
+    v4 = _register(root, tmp_path, 0.99)  # registered before the tags existed: unknown data
+    client.delete_model_version_tag(NAME, v4, DATA_TAG)
+    rec = _promote(root)
+    assert rec["decision"] == "refused" and f"version {v4} does not record its prepared data" in rec["reason"]
+    assert _aliases(root)["champion"] == v1
+
+
+@pytest.mark.parametrize("failure", ["PERMISSION_DENIED", "INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "connection"])
+def test_a_registry_error_is_never_read_as_no_champion(registry: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """A 403, a 5xx or a dropped connection while reading the champion alias ends the promotion with its cause;
+    before, any MlflowException read as 'no champion' and the challenger was promoted uncompared."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tasks.promote import PromotionError
+
+    root = registry
+    edit_params(root, {"promote.max_below_teacher": None})
+    v1 = _register(root, tmp_path, 0.90)
+    assert _promote(root)["decision"] == "promoted"
+    v2 = _register(root, tmp_path, 0.50)  # worse: must never become champion
+    real = MlflowClient.get_model_version_by_alias
+
+    def flaky(self, name: str, alias: str):
+        if alias == "champion":
+            if failure == "connection":
+                raise ConnectionError("Connection refused")
+            raise MlflowException(f"simulated {failure}", error_code=getattr(
+                __import__("mlflow.protos.databricks_pb2", fromlist=[failure]), failure))
+        return real(self, name, alias)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", flaky)
+    with pytest.raises(PromotionError, match="reading alias 'champion' of 'gkd-student' failed") as err:
+        _promote(root)
+    assert (failure if failure != "connection" else "ConnectionError") in str(err.value)
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", real)
+    assert _aliases(root) == {"challenger": v2, "champion": v1}
+
+
+def test_a_deleted_run_or_an_unloadable_model_file_is_not_promoted(registry: Path, tmp_path: Path) -> None:
+    import tempfile
+
+    from tasks import tracking
+    from tasks.promote import PromotionError
+
+    root = registry
+    client = tracking.get_client(root)
+    edit_params(root, {"promote.max_below_teacher": None})
+    before = set(Path(tempfile.gettempdir()).glob("gkd-model-*"))
+    v1 = _register(root, tmp_path, 0.90)
+    client.delete_run(client.get_model_version(NAME, v1).run_id)
+    with pytest.raises(PromotionError, match=f"version {v1} was deleted"):
+        _promote(root)
+    assert _aliases(root)["champion"] is None
+
+    v2 = _register(root, tmp_path, 0.91)
+    mv = client.get_model_version(NAME, v2)
+    model_id = mv.model_id or mv.source.removeprefix("models:/").split("/")[0]  # MLflow 3: a logged model
+    location = client.get_logged_model(model_id).artifact_location
+    files = list(Path(location.removeprefix("file://")).rglob("student.pt"))
+    assert len(files) == 1, location
+    files[0].write_bytes(b"not a model any more")
+    rec = _promote(root)
+    assert rec["decision"] == "refused" and f"the model file of version {v2} cannot be loaded" in rec["reason"]
+    assert _aliases(root)["champion"] is None
+    v3 = _register(root, tmp_path, 0.92)
+    assert _promote(root)["decision"] == "promoted" and _aliases(root)["champion"] == v3
+    # every download was into a temporary folder that is gone again
+    assert set(Path(tempfile.gettempdir()).glob("gkd-model-*")) == before
+
+
+def test_promote_a_named_version_not_the_alias(registry: Path, tmp_path: Path) -> None:
+    """The pipeline promotes the version it registered, whatever `challenger` points to by then."""
+    from tasks.paths import StagePaths
+    from tasks.promote import promote
+
+    root = registry
+    edit_params(root, {"promote.max_below_teacher": None})
+    mine = _register(root, tmp_path, 0.90)
+    theirs = _register(root, tmp_path, 0.60)  # another pipeline registered after mine: challenger moved
+    assert _aliases(root)["challenger"] == theirs
+    record = promote(StagePaths(root), version=mine)
+    assert record["decision"] == "promoted" and record["challenger"]["version"] == mine
+    assert _aliases(root)["champion"] == mine
+
+
+def test_the_chance_floor_cannot_be_skipped() -> None:
+    from gkd_core.sections import PromoteConfig
+    from tasks.promote import decide
+
+    chall = {"version": "2", "value": 0.11, "accuracy": 0.11, "num_classes": None, "teacher_accuracy": None,
+             "onnx_parity": "passed"}
+    decision, reason, _ = decide(chall, None, PromoteConfig(metric="test_accuracy", min_accuracy=0.0))
+    assert decision == "refused" and "num_classes is missing" in reason
