@@ -70,26 +70,26 @@ class InputLimits(BaseModel):
                 values[field] = int(value)
         return cls(**values)
 
+    def _refuse_over(self, field: str, value: int, said: str, unit: str = "", advice: str = "") -> None:
+        """:class:`LimitError` ``"<said>, over the limit of <limit><unit> (<variable>)<advice>"`` when ``value``
+        exceeds the limit ``field``."""
+        limit = getattr(self, field)
+        if value > limit:
+            raise LimitError(f"{said}, over the limit of {limit:,}{unit} ({ENV_VARS[field]}){advice}")
+
     def check_pixels(self, width: int, height: int, name: str) -> None:
-        if width * height > self.image_pixels:
-            raise LimitError(f"{name}: image is {width}x{height} = {width * height:,} pixels, over the limit of "
-                             f"{self.image_pixels:,} ({ENV_VARS['image_pixels']})")
+        self._refuse_over("image_pixels", width * height,
+                          f"{name}: image is {width}x{height} = {width * height:,} pixels")
 
     def check_file_bytes(self, size: int, name: str) -> None:
-        if size > self.file_bytes:
-            raise LimitError(f"{name}: {size:,} bytes, over the limit of {self.file_bytes:,} bytes per image "
-                             f"({ENV_VARS['file_bytes']})")
+        self._refuse_over("file_bytes", size, f"{name}: {size:,} bytes", " bytes per image")
 
     def check_rows(self, rows: int) -> None:
-        if rows > self.request_rows:
-            raise LimitError(f"{rows:,} images in one request, over the limit of {self.request_rows:,} "
-                             f"({ENV_VARS['request_rows']}): send them in smaller requests")
+        self._refuse_over("request_rows", rows, f"{rows:,} images in one request",
+                          advice=": send them in smaller requests")
 
     def check_model_bytes(self, size: int, name: str) -> None:
-        if size > self.model_bytes:
-            raise LimitError(f"{name}: model file of {size:,} bytes, over the limit of {self.model_bytes:,} "
-                             f"({ENV_VARS['model_bytes']})")
-
+        self._refuse_over("model_bytes", size, f"{name}: model file of {size:,} bytes")
 
 ENV_VARS: dict[str, str] = {
     "image_pixels": "GKD_MAX_IMAGE_PIXELS",

@@ -247,8 +247,9 @@ class OnnxPredictor:
         from gkd_core.export import ExportError, load_onnx_session
 
         try:
+            limits().check_model_bytes(Path(path).stat().st_size, str(path))
             self.session = load_onnx_session(path)
-        except ExportError as err:
+        except (LimitError, ExportError) as err:
             raise ModelFileError(str(err)) from None
         props = dict(self.session.get_modelmeta().custom_metadata_map)
         self.meta = meta_from_onnx_props(props, str(path))
@@ -292,10 +293,6 @@ def open_model(path: str | os.PathLike, device: str = "cpu", source: Optional[st
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     if path.suffix.lower() == ".onnx":
-        try:
-            limits().check_model_bytes(path.stat().st_size, str(path))
-        except LimitError as err:
-            raise ModelFileError(str(err)) from None
         return OnnxPredictor(path, source)
     return TorchPredictor.from_file(path, device, source)
 

@@ -13,8 +13,6 @@ A ``models:/...`` or ``runs:/...`` URI is resolved through the tracking server o
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 
 from gkd_core.cli import build_app, open_local_model
 from gkd_core.cli_support import UserError

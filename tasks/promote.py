@@ -148,11 +148,10 @@ def floor_violation(candidate: dict[str, Any], cfg: Any) -> Optional[str]:
     classes = candidate.get("num_classes")
     if not classes:
         return f"num_classes is missing on version {version}'s run (the chance floor cannot be checked)"
-    if classes:
-        chance = 1.0 / classes
-        if acc < chance + cfg.min_above_chance:
-            return (f"test accuracy {acc:.4f} of version {version} is not clearly above chance ({chance:.4f} for "
-                    f"{int(classes)} classes; promote.min_above_chance {cfg.min_above_chance:g})")
+    chance = 1.0 / classes
+    if acc < chance + cfg.min_above_chance:
+        return (f"test accuracy {acc:.4f} of version {version} is not clearly above chance ({chance:.4f} for "
+                f"{int(classes)} classes; promote.min_above_chance {cfg.min_above_chance:g})")
     teacher = candidate.get("teacher_accuracy")
     if cfg.max_below_teacher is not None and teacher is not None and acc < teacher - cfg.max_below_teacher:
         return (f"test accuracy {acc:.4f} of version {version} trails its teacher's {teacher:.4f} by more than "

@@ -104,12 +104,12 @@ def _iter_archive(path: Path, lim: InputLimits, keep_going: bool = False
                 parts = _split_name(member.name)
                 if not _is_image_name(parts):
                     continue
-                if member.size > lim.file_bytes:
-                    refusal = (f"{path}: member {member.name}: {member.size:,} bytes, over the limit of "
-                               f"{lim.file_bytes:,} bytes per image (GKD_MAX_FILE_BYTES)")
+                try:
+                    lim.check_file_bytes(member.size, f"{path}: member {member.name}")
+                except LimitError as refusal:
                     if not keep_going:
-                        raise LimitError(refusal)
-                    yield parts, Refused(refusal)
+                        raise
+                    yield parts, Refused(str(refusal))
                     continue
                 fh = tf.extractfile(member)
                 data = fh.read(member.size) if fh is not None else b""
