@@ -17,12 +17,10 @@ pulls them back. That mode needs a DVC remote and a shared MLflow tracking serve
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal, Optional
 
 import typer
 import yaml
@@ -64,16 +62,24 @@ def stage_flow(stage: str, project_dir: Optional[str] = None, parent_run_id: Opt
                dvc_lock: Optional[str] = None) -> dict[str, Any]:
     """One stage as its own flow run: what a GPU worker executes (tasks/handoff.py says what travels).
 
-    In the worker's checkout (``project_dir``, else ``$GKD_PROJECT_DIR``): check out ``git_commit``, write the
-    orchestrator's ``params_yaml`` and ``dvc_lock``, pull the stage's inputs from the DVC remote, run the stage
-    through DVC (checkpoints mirrored to the remote), push its outputs, and hand the stage's dvc.lock entry
-    back as a Prefect artifact."""
-    root = handoff.project_dir(project_dir)
+    With ``git_commit``: in a checkout of its own (``handoff.run_checkout``: the worker's checkout,
+    ``project_dir`` else ``$GKD_PROJECT_DIR``, cloned at that commit and removed afterwards); without it, in
+    the worker's checkout itself. There: write the orchestrator's ``params_yaml`` and ``dvc_lock``, pull the
+    stage's inputs from the DVC remote, run the stage through DVC (checkpoints mirrored to the remote), push
+    its outputs, and hand the stage's dvc.lock entry back as a Prefect artifact."""
+    base = handoff.project_dir(project_dir)
+    if git_commit is None:
+        return _stage_in(base, stage, parent_run_id, sync_remote, params_yaml, dvc_lock)
+    with handoff.run_checkout(base, git_commit, f"{stage}-{flow_run.id or 'local'}") as root:
+        get_run_logger().info("run checkout %s at commit %s (from %s)", root, git_commit[:12], base)
+        return _stage_in(root, stage, parent_run_id, sync_remote, params_yaml, dvc_lock)
+
+
+def _stage_in(root: Path, stage: str, parent_run_id: Optional[str], sync_remote: bool, params_yaml: Optional[str],
+              dvc_lock: Optional[str]) -> dict[str, Any]:
     if sync_remote and handoff.remote_url(root) is None:
         raise UserError(f"{root}: this worker's checkout has no DVC remote to exchange data through: "
                         "`dvc remote add -d <name> <url>` (the one the orchestrating machine pushes to)")
-    if git_commit:
-        handoff.checkout(root, git_commit)
     handoff.write_text(root, PARAMS_FILE, params_yaml)
     handoff.write_text(root, "dvc.lock", dvc_lock)
     upstream = dvc_ops.stage_upstream(str(root)).get(stage, [])
@@ -81,7 +87,7 @@ def stage_flow(stage: str, project_dir: Optional[str] = None, parent_run_id: Opt
         dvc_ops.pull(str(root), upstream)
     mirror = f"{handoff.remote_url(root).rstrip('/')}/gkd-checkpoints" if sync_remote else None
     try:
-        with _env(handoff.MIRROR_ENV, mirror):
+        with handoff.env_var(handoff.MIRROR_ENV, mirror):
             result = stage_task.with_options(**stage_options(stage))(str(root), stage, parent_run_id)
     except (StageFailed, UserError) as err:
         retryable = isinstance(err, StageFailed) and err.retryable
@@ -95,20 +101,6 @@ def stage_flow(stage: str, project_dir: Optional[str] = None, parent_run_id: Opt
     create_markdown_artifact(markdown=yaml.safe_dump(entry or {}, sort_keys=False), key=LOCK_ARTIFACT,
                              description=f"dvc.lock entry of stage {stage}")
     return {**result, "dvc_lock_entry": entry}
-
-
-@contextlib.contextmanager
-def _env(name: str, value: Optional[str]) -> Iterator[None]:
-    saved = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
 
 
 @task(name="gpu-dispatch", **{k: v for k, v in stage_options("distill_student").items() if k != "name"})

@@ -27,6 +27,7 @@ import typer
 from prefect import flow, get_run_logger, task
 from prefect.deployments import run_deployment
 from prefect.futures import as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
 from rich.console import Console
 from rich.markdown import Markdown
@@ -56,11 +57,19 @@ SWEEP_POINT_DEPLOYMENT = "gkd-sweep-point/gpu"
 @flow(name="gkd-sweep-point")
 def sweep_point_flow(sweep_name: str, arm: str, seed: int, exchange: str, project_dir: Optional[str] = None,
                      parent_run_id: Optional[str] = None, git_commit: Optional[str] = None) -> dict[str, Any]:
-    """One sweep point on a GPU worker: its checkout at ``git_commit``, the sweep's shared files (params, data,
-    teacher) fetched from ``exchange``, the point distilled and evaluated, its reports sent back there."""
-    root = handoff.project_dir(project_dir)
-    if git_commit:
-        handoff.checkout(root, git_commit)
+    """One sweep point on a GPU worker, in a checkout of its own at ``git_commit`` (``handoff.run_checkout``;
+    without a commit, in the worker's checkout): the sweep's shared files (params, data, teacher) fetched from
+    ``exchange``, the point distilled and evaluated, its reports sent back there."""
+    base = handoff.project_dir(project_dir)
+    if git_commit is None:
+        return _point_in(base, sweep_name, arm, seed, exchange, parent_run_id)
+    with handoff.run_checkout(base, git_commit, f"point-{arm}-seed{seed}-{flow_run.id or 'local'}") as root:
+        get_run_logger().info("run checkout %s at commit %s (from %s)", root, git_commit[:12], base)
+        return _point_in(root, sweep_name, arm, seed, exchange, parent_run_id)
+
+
+def _point_in(root: Path, sweep_name: str, arm: str, seed: int, exchange: str,
+              parent_run_id: Optional[str]) -> dict[str, Any]:
     folder = root / SWEEP_DIR / sweep_name
     ex = handoff.Exchange(exchange)
     ex.get(folder, list(SHARED_FILES))

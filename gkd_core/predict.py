@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
-import io
 import json
 import logging
 import math

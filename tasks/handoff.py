@@ -1,7 +1,11 @@
 """What travels between the machines of a pipeline run: a CPU box that orchestrates and GPU boxes that train.
 
-* **Code**: the git commit the CPU box runs; the GPU box's checkout (``$GKD_PROJECT_DIR``) fetches it and
-  checks it out. Uncommitted code on the CPU box cannot travel, so dispatching it is refused.
+* **Code**: the git commit the CPU box runs (a full commit id, nothing else). Each flow run on a GPU worker
+  works in a checkout of its own (:func:`run_checkout`): a ``git clone --shared`` of the worker's checkout
+  (``$GKD_PROJECT_DIR``, which fetches the commit when it lacks it) at that commit, under ``$GKD_RUNS_DIR``,
+  sharing the worker checkout's DVC cache, removed when the run ends. So several workers on one box never
+  race on one checkout, one dvc.lock or one DVC repo lock, and the checkout a person works in keeps its HEAD
+  and its edits. Uncommitted code on the CPU box cannot travel, so dispatching it is refused.
 * **Configuration**: params.yaml and dvc.lock as text (uncommitted parameter edits travel too).
 * **Data and models**: the DVC remote (``dvc push`` / ``dvc pull`` of the stages' outputs).
 * **The result**: the stage's new dvc.lock entry, handed back through a Prefect artifact (stored by the
@@ -14,21 +18,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import fsspec
 import yaml
+from filelock import FileLock
 
 from gkd_core.cli_support import UserError
 from gkd_core.io import atomic_write
+from tasks.tracking import tracking_uri
 
 logger = logging.getLogger(__name__)
 
 PROJECT_DIR_ENV = "GKD_PROJECT_DIR"  # a worker's checkout of the project
+RUNS_ENV = "GKD_RUNS_DIR"  # where a worker makes each flow run's own checkout (default: <tmp>/gkd-runs-<uid>)
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 MIRROR_ENV = "GKD_CHECKPOINT_MIRROR"  # where training stages mirror their checkpoints (a URL or folder)
 TRAVELLING = ("params.yaml", "dvc.lock")  # files that travel as text, so they may differ from the commit
 
@@ -57,15 +69,89 @@ def pinned_commit(root: Path) -> str:
     return commit
 
 
-def checkout(root: Path, commit: str) -> None:
-    """Put the worker's checkout at ``commit`` (fetched from its git remotes when missing)."""
-    if _git(root, "cat-file", "-t", commit, check=False) != "commit":
-        _git(root, "fetch", "--all", "--quiet")
-    if _git(root, "cat-file", "-t", commit, check=False) != "commit":
-        raise UserError(f"{root}: commit {commit[:12]} is not reachable from this checkout's git remotes "
+def check_commit(commit: object, field: str = "git_commit") -> str:
+    """``commit`` when it is a full commit id; a branch, tag, abbreviation or anything else is refused (it
+    could move, or be read by git as an option)."""
+    if not isinstance(commit, str) or not COMMIT_RE.fullmatch(commit):
+        raise UserError(f"{field}={str(commit)[:60]!r}: expected a full commit id (40 lowercase hex digits)")
+    return commit
+
+
+def _has_commit(root: Path, commit: str) -> bool:
+    return _git(root, "cat-file", "-t", "--end-of-options", commit, check=False) == "commit"
+
+
+def _ensure_commit(base: Path, commit: str) -> None:
+    """Fetch ``commit`` into the worker's checkout when it lacks it (one fetch at a time per checkout)."""
+    if _has_commit(base, commit):
+        return
+    git_dir = Path(_git(base, "rev-parse", "--absolute-git-dir"))
+    with FileLock(str(git_dir / "gkd-fetch.lock"), timeout=600):
+        if not _has_commit(base, commit):
+            _git(base, "fetch", "--all", "--quiet")
+    if not _has_commit(base, commit):
+        raise UserError(f"{base}: commit {commit[:12]} is not reachable from this checkout's git remotes "
                         "(push it where the GPU boxes fetch from)")
-    _git(root, "checkout", "--quiet", "--force", "--detach", commit)
-    logger.info("checkout %s at commit %s", root, commit[:12])
+
+
+def runs_dir() -> Path:
+    """Where this worker makes the flow runs' own checkouts (``$GKD_RUNS_DIR``)."""
+    given = os.environ.get(RUNS_ENV, "").strip()
+    return Path(given) if given else Path(tempfile.gettempdir()) / f"gkd-runs-{os.getuid()}"
+
+
+def _share_dvc_cache(base: Path, dest: Path) -> None:
+    """Point ``dest``'s DVC cache at ``base``'s (group-shared, so workers under other uids can use it too), and
+    give it ``base``'s local DVC config (a remote added with ``--local`` lives there)."""
+    from tasks.dvc_ops import open_repo
+
+    local = base / ".dvc" / "config.local"
+    if local.is_file():
+        shutil.copyfile(local, dest / ".dvc" / "config.local")
+    with open_repo(base) as repo:
+        cache_dir = repo.cache.local_cache_dir
+    with open_repo(dest) as repo, repo.config.edit("local") as conf:
+        conf["cache"]["dir"] = cache_dir
+        conf["cache"]["shared"] = "group"
+
+
+@contextlib.contextmanager
+def run_checkout(base: Path, commit: str, name: str) -> Iterator[Path]:
+    """A checkout for one flow run: ``base`` (the worker's checkout) cloned at ``commit`` into a new folder of
+    :func:`runs_dir`, sharing ``base``'s DVC cache and, when no ``MLFLOW_TRACKING_URI`` is set, its tracking
+    store; removed when the run ends, whatever its outcome (resume state lives in the checkpoint mirror).
+    ``base`` itself is never written, except for fetching a commit it lacks."""
+    check_commit(commit)
+    if not (base / ".git").exists():
+        raise UserError(f"{base}: the worker's checkout ({PROJECT_DIR_ENV}) is not a git checkout of the project")
+    _ensure_commit(base, commit)
+    parent = runs_dir()
+    parent.mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
+    try:
+        _git(parent, "clone", "--quiet", "--shared", "--no-checkout", "--", str(base), str(dest))
+        _git(dest, "checkout", "--quiet", "--detach", commit, "--")
+        _share_dvc_cache(base, dest)
+        logger.debug("run checkout %s at commit %s (from %s)", dest, commit[:12], base)
+        with env_var("MLFLOW_TRACKING_URI", None if os.environ.get("MLFLOW_TRACKING_URI") else tracking_uri(base)):
+            yield dest
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: Optional[str]) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block (nothing changes when ``value`` is None)."""
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def read_text(root: Path, name: str) -> Optional[str]:

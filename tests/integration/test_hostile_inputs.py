@@ -28,7 +28,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from _project import console_script, run
+from _project import run
 from _servers import free_port, http_ok, running, tool_env
 
 pytestmark = pytest.mark.integration

@@ -1,7 +1,9 @@
-"""Two machines on one box: a "cpu box" checkout that orchestrates and a "gpu box" checkout that trains, with a
-local-folder DVC remote between them, a real Prefect server with a cpu and a gpu process worker, and a real
-`mlflow server` serving artifacts over HTTP. The nightly deployment runs end to end; a third process reads
-the registered student and its ONNX model through the tracking server only.
+"""Two machines on one box: a "cpu box" checkout that orchestrates and a "gpu box" checkout that two GPU workers
+share (one per GPU, as docs/deploy.md advises), with a local-folder DVC remote between them, a real Prefect
+server with a cpu and two gpu process workers, and a real `mlflow server` serving artifacts over HTTP. The
+nightly deployment runs end to end; a third process reads the registered student and its ONNX model through
+the tracking server only. Every GPU flow run works in a checkout of its own: the gpu box's checkout, where
+a person works, keeps its HEAD and its uncommitted edit throughout.
 
 Also: the pieces a GPU run depends on when it goes wrong (a worker without the remote, an unreachable
 tracking server, a checkpoint that survives the worker that wrote it).
@@ -52,6 +54,20 @@ class Fleet:
     server: PrefectServer
     tracking_url: str
     logs: Path
+    runs: Path  # where the gpu workers make each run's checkout ($GKD_RUNS_DIR)
+    gpu_head: str  # the gpu box's checkout before any run
+
+    def assert_gpu_checkout_untouched(self) -> None:
+        """The checkout a person works in: same HEAD, the same uncommitted edit, no outputs, nothing new."""
+        assert git(self.gpu, "rev-parse", "HEAD").stdout.strip() == self.gpu_head
+        assert (self.gpu / OPERATOR_FILE).read_text().endswith(OPERATOR_EDIT)
+        assert git(self.gpu, "status", "--porcelain", "--untracked-files=all").stdout.strip() == f"M {OPERATOR_FILE}"
+        assert not (self.gpu / "models").exists() and not (self.gpu / "reports").exists()
+        assert list(self.runs.iterdir()) == []  # every run's checkout was removed
+
+
+OPERATOR_FILE = "gkd_core/__init__.py"  # tracked code
+OPERATOR_EDIT = "\n# An edit in progress by the person who works in this checkout.\n"
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +77,26 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     cpu, gpu, remote = _two_checkouts(tmp)
     logs = tmp / "logs"
     logs.mkdir()
+    runs = tmp / "gpu-runs"
+    runs.mkdir()
+    with (gpu / OPERATOR_FILE).open("a") as fh:
+        fh.write(OPERATOR_EDIT)
+    gpu_head = git(gpu, "rev-parse", "HEAD").stdout.strip()
     with prefect_server(tmp / "prefect") as server, \
             mlflow_server(f"sqlite:///{tmp / 'mlflow-backend.db'}", tmp / "mlflow-artifacts", logs) as tracking_url:
         with server.client_settings():
             from flows.deployments import apply_deployments
 
-            apply_deployments(None, gpus=1)
+            apply_deployments(None, gpus=2)
         common = {"MLFLOW_TRACKING_URI": tracking_url}
+        gpu_env = {**common, "GKD_PROJECT_DIR": str(gpu), "GKD_RUNS_DIR": str(runs)}
         with prefect_worker(server, ["--pool", "cpu", "--limit", "1"], logs, name="cpu-worker",
                             extra_env={**common, "GKD_PROJECT_DIR": str(cpu)}), \
-                prefect_worker(server, ["--pool", "gpu", "--limit", "1"], logs, name="gpu-worker",
-                               extra_env={**common, "GKD_PROJECT_DIR": str(gpu)}):
-            yield Fleet(cpu, gpu, remote, server, tracking_url, logs)
+                prefect_worker(server, ["--pool", "gpu", "--limit", "1", "--name", "gpu-0"], logs,
+                               name="gpu-0-worker", extra_env=gpu_env), \
+                prefect_worker(server, ["--pool", "gpu", "--limit", "1", "--name", "gpu-1"], logs,
+                               name="gpu-1-worker", extra_env=gpu_env):
+            yield Fleet(cpu, gpu, remote, server, tracking_url, logs, runs, gpu_head)
 
 
 def _worker_logs(fleet: Fleet) -> str:
@@ -83,7 +107,7 @@ def test_nightly_pipeline_with_the_gpu_stages_on_another_checkout(fleet: Fleet, 
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    cpu, gpu, remote = fleet.cpu, fleet.gpu, fleet.remote
+    cpu, remote = fleet.cpu, fleet.remote
     edit_params(cpu, {"student.train.epochs": 2})  # an uncommitted params edit travels with the run
     with fleet.server.client_settings():
         flow_run = run_deployment("gkd-pipeline/nightly", timeout=1500, parameters={"promote": False})
@@ -92,17 +116,19 @@ def test_nightly_pipeline_with_the_gpu_stages_on_another_checkout(fleet: Fleet, 
                         and r.work_pool_name == "gpu"]
             gpu_limit = client.read_work_pool("gpu").concurrency_limit
     assert flow_run.state.is_completed(), (flow_run.state, _worker_logs(fleet))
-    assert gpu_limit == 1
+    assert gpu_limit == 2
     assert len([r for r in gpu_runs if r.state and r.state.is_completed()]) == 2  # train_teacher, distill_student
 
-    # the gpu box trained (its checkout holds the outputs, at the cpu box's commit with its params)
-    assert (gpu / "models/student.pt").is_file() and (gpu / "models/teacher.pt").is_file()
-    assert git(gpu, "rev-parse", "HEAD").stdout.strip() == git(cpu, "rev-parse", "HEAD").stdout.strip()
-    assert yaml.safe_load((gpu / "params.yaml").read_text())["student"]["train"]["epochs"] == 2
+    # the gpu runs trained in checkouts of their own at the cpu box's commit with its params: the student's
+    # run config (MLflow) says 2 epochs; the gpu box's own checkout is as its user left it
+    fleet.assert_gpu_checkout_untouched()
+    gpu_logs = "".join(p.read_text() for p in fleet.logs.glob("gpu-*-worker.log"))
+    assert gpu_logs.count(f"run checkout {fleet.runs}/") == 2, gpu_logs[-3000:]  # one per stage
     # the updated lock came back, the outputs too, and the remote holds them
     lock = yaml.safe_load((cpu / "dvc.lock").read_text())["stages"]
     assert {"prepare_data", "train_teacher", "distill_student", "evaluate", "export_onnx"} <= set(lock)
-    assert (cpu / "models/student.pt").read_bytes() == (gpu / "models/student.pt").read_bytes()
+    assert lock["distill_student"]["params"]["params.yaml"]["student"]["train"]["epochs"] == 2
+    assert (cpu / "models/student.pt").is_file() and (cpu / "models/teacher.pt").is_file()
     assert any(remote.rglob("*")), "nothing was pushed to the DVC remote"
     with_dvc = run([sys.executable, "-m", "dvc", "status", "--json"], cpu)
     assert json.loads(with_dvc.stdout or "{}") == {}  # the cpu box sees everything up to date
@@ -131,26 +157,37 @@ def test_nightly_pipeline_with_the_gpu_stages_on_another_checkout(fleet: Fleet, 
 
 
 
-def test_the_sweep_fans_its_points_out_over_the_gpu_pool(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sweep's shared data and teacher travel through <remote>/gkd-sweeps/<name>/, each point runs on the
-    gpu worker's checkout, its reports come back; the table is written on the orchestrating side."""
+def test_two_gpu_workers_on_one_box_take_two_sweep_points_at_once(fleet: Fleet,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's shared data and teacher travel through <remote>/gkd-sweeps/<name>/; its two points run at the
+    same time, one on each gpu worker of the box, each in its own checkout at a commit the gpu box first has to
+    fetch; the reports come back and the table is written on the orchestrating side."""
+    from prefect.client.orchestration import get_client
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.sweep import build_spec, sweep
 
     cpu = fleet.cpu
     (cpu / "sweeps.yaml").write_text((REPO / "sweeps.yaml").read_text())
-    commit_all(cpu, "sweep presets")
-    git(fleet.gpu, "fetch", "-q", "origin")
+    commit_all(cpu, "sweep presets")  # a commit the gpu box does not have yet
     spec = build_spec(cpu, "digits-smoke", ["none", "kd"], ["0"], ["student.train.epochs=1"], "fleet", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", fleet.tracking_url)
     with fleet.server.client_settings():
         result = sweep.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))(
             spec, str(cpu), gpu_dispatch="deployment")
+        with get_client(sync_client=True) as client:
+            points = [r for r in client.read_flow_runs() if r.work_pool_name == "gpu"
+                      and r.parameters.get("sweep_name") == "fleet"]
     rows = {r["arm"]: r for r in result["table"]["arms"]}
     assert set(rows) == {"none", "kd"} and all(r["test_accuracy"]["mean"] > 0.2 for r in rows.values())
-    assert (fleet.gpu / "reports/sweep/fleet/points/kd-seed0/models/student.pt").is_file()  # trained there
-    assert not (cpu / "reports/sweep/fleet/points/kd-seed0/models/student.pt").exists()  # not here
+    assert len(points) == 2 and all(r.state and r.state.is_completed() for r in points)
+    first, second = sorted(points, key=lambda r: r.start_time)
+    assert second.start_time < first.end_time, "the two points did not run at the same time"
+    logs = {p.name: p.read_text() for p in fleet.logs.glob("gpu-*-worker.log")}
+    took = {name: [r.id for r in points if f"submitting flow run '{r.id}'" in text] for name, text in logs.items()}
+    assert sorted(len(ids) for ids in took.values()) == [1, 1], took  # each gpu worker ran one point
+    assert not (cpu / "reports/sweep/fleet/points/kd-seed0/models/student.pt").exists()  # trained elsewhere
+    fleet.assert_gpu_checkout_untouched()
     assert (cpu / "reports/sweep/fleet/comparison.md").is_file()
     assert any((fleet.remote / "gkd-sweeps" / "fleet").rglob("teacher.pt"))
 
