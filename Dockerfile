@@ -51,25 +51,28 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# Exactly the lock: every package pinned there, nothing resolved at build time.
-COPY requirements.lock ./
-RUN if [ "$TORCH_VARIANT" = "cuda" ]; then \
-        pip install -r requirements.lock; \
+# Exactly the lock, less what only the dev extra needs (pytest, hadolint: scripts/runtime_lock.py): every
+# package pinned there, nothing resolved at build time.
+COPY requirements.lock pyproject.toml ./
+COPY scripts/runtime_lock.py /tmp/runtime_lock.py
+RUN python /tmp/runtime_lock.py requirements.lock pyproject.toml > /tmp/runtime.lock \
+    && if [ "$TORCH_VARIANT" = "cuda" ]; then \
+        pip install -r /tmp/runtime.lock; \
     elif [ "$TORCH_VARIANT" = "cpu" ]; then \
-        grep -Ev "$CUDA_ONLY_PACKAGES" requirements.lock > /tmp/requirements-cpu.lock \
+        grep -Ev "$CUDA_ONLY_PACKAGES" /tmp/runtime.lock > /tmp/requirements-cpu.lock \
         && pip install -r /tmp/requirements-cpu.lock \
         && pip install --no-deps --index-url "$TORCH_CPU_INDEX" \
             "torch==$(sed -n 's/^torch==//p' requirements.lock)+cpu" \
-            "torchvision==$(sed -n 's/^torchvision==//p' requirements.lock)+cpu" \
-        && rm /tmp/requirements-cpu.lock; \
+            "torchvision==$(sed -n 's/^torchvision==//p' requirements.lock)+cpu"; \
     else \
         echo "TORCH_VARIANT must be cuda or cpu, got $TORCH_VARIANT" >&2; exit 1; \
     fi \
+    && rm -f /tmp/runtime.lock /tmp/requirements-cpu.lock /tmp/runtime_lock.py \
     && pip check
 
 # The project itself, without dependencies (they all came from the lock). Editable, so a checkout mounted
 # at /app (compose.yaml) is the code that runs.
-COPY --chown=gkd:gkd pyproject.toml README.md params.yaml dvc.yaml ./
+COPY --chown=gkd:gkd README.md LICENSE params.yaml dvc.yaml ./
 COPY --chown=gkd:gkd gkd_core ./gkd_core
 COPY --chown=gkd:gkd tasks ./tasks
 COPY --chown=gkd:gkd flows ./flows

@@ -104,22 +104,25 @@ def test_hadolint_finds_nothing() -> None:
     assert ignores == ["DL3008"]
 
 
-def test_dockerfile_installs_exactly_the_lock() -> None:
+def test_dockerfile_installs_exactly_the_lock_less_the_dev_tools() -> None:
     cmds = pip_installs()
     steps = [re.sub(r"\s+", " ", c).strip() for c in cmds]
-    # CUDA (default): the lock as it is
-    assert "pip install -r requirements.lock" in steps
+    # CUDA (default): the lock less what only the dev extra needs (tests/unit/test_runtime_lock.py)
+    runs = " ".join(args for keyword, args in instructions() if keyword == "RUN")
+    assert "python /tmp/runtime_lock.py requirements.lock pyproject.toml > /tmp/runtime.lock" in runs
+    assert "pip install -r /tmp/runtime.lock" in steps
     # the project itself, without any dependency of its own
     assert "pip install --no-deps --no-build-isolation -e ." in steps
-    # CPU: the lock less its CUDA-only lines, then the lock's torch/torchvision versions as +cpu builds
+    # CPU: that lock less its CUDA-only lines, then the lock's torch/torchvision versions as +cpu builds
+    assert 'grep -Ev "$CUDA_ONLY_PACKAGES" /tmp/runtime.lock > /tmp/requirements-cpu.lock' in runs
     assert "pip install -r /tmp/requirements-cpu.lock" in steps
     cpu_torch = [s for s in steps if "--index-url" in s]
     assert len(cpu_torch) == 1 and "--no-deps" in cpu_torch[0]
     assert len(steps) == 4, f"an install that is not from the lock: {steps}"
     assert arg_default("TORCH_VARIANT") == "cuda"
-    # the lock is copied in before it is installed, and nothing else is installed by pip in the image
+    # the lock (and the script that filters it) are copied in before it is installed
     copied = [args for keyword, args in instructions() if keyword == "COPY"]
-    assert copied[0] == "requirements.lock ./"
+    assert copied[:2] == ["requirements.lock pyproject.toml ./", "scripts/runtime_lock.py /tmp/runtime_lock.py"]
 
 
 def test_cpu_variant_drops_only_what_cuda_torch_pulls_in() -> None:
