@@ -171,18 +171,34 @@ def test_compose_has_the_services_gpu_reservation_and_local_ports() -> None:
             assert host_ip == "127.0.0.1", f"{name} publishes {spec} beyond 127.0.0.1"
             published.setdefault(name, []).append(spec)
     assert set(published) == {"prefect-server", "mlflow"}, "only the two UIs/APIs are published"
-    # backends on PostgreSQL, artifacts served by the tracking server, passwords only from .env
+    # backends on PostgreSQL, artifacts served by the tracking server, passwords only from .env, in the
+    # environment and never on a command line (`ps` shows those)
     mlflow_cmd = " ".join(services["mlflow"]["command"])
-    assert "--backend-store-uri postgresql://" in mlflow_cmd and "--artifacts-destination" in mlflow_cmd
+    assert "--app-name basic-auth" in mlflow_cmd and "--artifacts-destination" in mlflow_cmd
+    mlflow_env = services["mlflow"]["environment"]
     prefect_db = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert prefect_db.startswith("postgresql+asyncpg://")
+    assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
     assert "${POSTGRES_PASSWORD" in services["postgres"]["environment"]["POSTGRES_PASSWORD"]
-    for text in (mlflow_cmd, prefect_db):
+    for text in (mlflow_env["MLFLOW_BACKEND_STORE_URI"], prefect_db):
         assert re.search(r"://[^:]+:\$\{POSTGRES_PASSWORD", text), text
+    assert mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+    for name, service in services.items():
+        assert "PASSWORD" not in json.dumps(service.get("command", [])), f"{name}: a secret on its command line"
     for worker in ("worker-cpu", "worker-gpu"):
         env = services[worker]["environment"]
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert env["MLFLOW_TRACKING_USERNAME"] == "admin" and "${MLFLOW_ADMIN_PASSWORD" in env["MLFLOW_TRACKING_PASSWORD"]
+    # the Prefect server: CSRF on, CORS only for its own UI (tests/integration/test_server_hardening.py runs it)
+    prefect_env = services["prefect-server"]["environment"]
+    assert prefect_env["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
+    assert "*" not in prefect_env["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"]
+    # nothing starts before the secrets passed their check
+    assert services["secrets-check"]["command"] == ["python", "/app/scripts/check_secrets.py"]
+    assert services["postgres"]["depends_on"]["secrets-check"]["condition"] == "service_completed_successfully"
+    env_example = (REPO / ".env.example").read_text()
+    assert "POSTGRES_PASSWORD=" in env_example and "MLFLOW_ADMIN_PASSWORD=" in env_example
 
 
 @pytest.mark.slow
