@@ -12,6 +12,11 @@
 | gkd-sweep-point/gpu   | one sweep point | gpu | none: dispatched by the sweep (gpu_dispatch="deployment") |
 | gkd-promote/daily     | promote       | cpu  | 06:30 daily             |
 
+The scheduled deployments run one at a time each (a run that would overlap the previous one is cancelled,
+``CANCEL_NEW``); each flow stops at its limit in the ``timeouts`` of the worker's params.yaml; a GPU stage or point past ``timeouts.gpu_stage`` is
+cancelled and fails its parent with that cause (flows/prefect_tasks.py:run_on_gpu_pool). Promotions take
+turns through the global concurrency limit ``gkd-promotion`` (created here too).
+
 The nightly pipeline runs on the CPU pool and sends train_teacher and distill_student to the GPU pool; the
 DVC remote carries the data between the machines (``dvc remote add -d ...``), and MLFLOW_TRACKING_URI must
 point every worker at the same tracking server (tasks/handoff.py: what travels). Deployments use module
@@ -29,10 +34,12 @@ from typing import Any, Optional
 import typer
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 
 from flows.pipeline import pipeline, stage_flow
+from flows.prefect_tasks import ensure_promotion_limit
 from flows.promote import promote
 from flows.sweep import sweep, sweep_point_flow
 from tasks.cli import configure_logging
@@ -44,24 +51,28 @@ WORK_POOLS = {"cpu": "process", "gpu": "process"}
 
 def build_deployments(project_dir: Optional[str] = None) -> list[RunnerDeployment]:
     """The deployments, each naming its work pool. ``project_dir`` (one machine only) becomes the workers' working
-    directory; without it each worker finds its checkout through ``$GKD_PROJECT_DIR``."""
+    directory; without it each worker finds its checkout through ``$GKD_PROJECT_DIR``. Each scheduled
+    deployment runs once at a time: a run that would overlap the previous one is cancelled."""
     job_vars: dict[str, Any] = {"working_dir": project_dir} if project_dir else {}
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "job_variables": job_vars}
+    once = {"concurrency_limit": ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)}
     return [
-        pipeline.to_deployment(name="nightly", cron="0 2 * * *", work_pool_name="cpu",
-                               parameters={"register_model": True, "promote": True, "gpu_dispatch": "deployment"},
-                               tags=["cpu"], description="Nightly pipeline; GPU stages on the gpu pool.",
-                               **common),
+        pipeline.to_deployment(
+            name="nightly", cron="0 2 * * *", work_pool_name="cpu",
+            parameters={"register_model": True, "promote": True, "gpu_dispatch": "deployment"},
+            tags=["cpu"], description="Nightly pipeline; GPU stages on the gpu pool.", **once, **common),
         stage_flow.to_deployment(name="gpu", work_pool_name="gpu", tags=["gpu"],
                                 description="One DVC stage (train_teacher, distill_student) on a GPU worker.",
                                 **common),
         sweep_point_flow.to_deployment(name="gpu", work_pool_name="gpu", tags=["gpu"],
                                        description="One sweep point (arm x seed) on a GPU worker.", **common),
-        sweep.to_deployment(name="weekly", cron="0 4 * * 0", work_pool_name="cpu", tags=["cpu"],
-                            parameters={"preset": "fashion-mnist", "gpu_dispatch": "deployment"},
-                            description="Arms x seeds comparison (a preset of sweeps.yaml).", **common),
-        promote.to_deployment(name="daily", cron="30 6 * * *", work_pool_name="cpu", tags=["cpu"],
-                              description="Promote the challenger when it beats the champion.", **common),
+        sweep.to_deployment(
+            name="weekly", cron="0 4 * * 0", work_pool_name="cpu", tags=["cpu"],
+            parameters={"preset": "fashion-mnist", "gpu_dispatch": "deployment"},
+            description="Arms x seeds comparison (a preset of sweeps.yaml).", **once, **common),
+        promote.to_deployment(
+            name="daily", cron="30 6 * * *", work_pool_name="cpu", tags=["cpu"],
+            description="Promote the challenger when it beats the champion.", **once, **common),
     ]
 
 
@@ -83,6 +94,7 @@ def ensure_work_pools(gpus: int = 1) -> None:
 def apply_deployments(project_dir: Optional[str] = None, gpus: int = 1) -> list[str]:
     """Create or update every deployment; returns their ids."""
     ensure_work_pools(gpus)
+    ensure_promotion_limit()
     ids = []
     for deployment in build_deployments(project_dir):
         ids.append(str(deployment.apply(work_pool_name=deployment.work_pool_name)))

@@ -28,17 +28,19 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-from prefect.deployments import run_deployment
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from rich.console import Console
 from rich.table import Table
 
 from flows import cli as flow_cli
-from flows.prefect_tasks import GPU_STAGES, promote_task, register_task, stage_options, stage_task, sweep_point_task
+from flows.prefect_tasks import (
+    GPU_STAGES, promote_task, register_task, run_on_gpu_pool, stage_options, stage_task, sweep_point_task,
+)
 from gkd_core.cli_support import UserError, load_params_checked, run_cli
 from gkd_core.methods import METHODS
 from tasks import dvc_ops, handoff, tracking
 from tasks.dvc_ops import StageFailed
+from tasks import flow_inputs, project_lock
 from tasks.cli import configure_logging
 from tasks.paths import EVALUATE_REPORT, ONNX, PARAMS_FILE, TEACHER_REPORT, StagePaths
 from tasks.reports import read_report
@@ -67,9 +69,14 @@ def stage_flow(stage: str, project_dir: Optional[str] = None, parent_run_id: Opt
     the worker's checkout itself. There: write the orchestrator's ``params_yaml`` and ``dvc_lock``, pull the
     stage's inputs from the DVC remote, run the stage through DVC (checkpoints mirrored to the remote), push
     its outputs, and hand the stage's dvc.lock entry back as a Prefect artifact."""
-    base = handoff.project_dir(project_dir)
+    flow_inputs.one_of(stage, STAGES, "stage")
+    flow_inputs.run_id(parent_run_id)
+    flow_inputs.commit(git_commit)
+    base = flow_inputs.project_dir(project_dir, from_deployment=deployment.id is not None)
+    what = f"stage {stage} flow run {flow_run.get_name() or 'local'}"
     if git_commit is None:
-        return _stage_in(base, stage, parent_run_id, sync_remote, params_yaml, dvc_lock)
+        with project_lock.one_writer(base, what):
+            return _stage_in(base, stage, parent_run_id, sync_remote, params_yaml, dvc_lock)
     with handoff.run_checkout(base, git_commit, f"{stage}-{flow_run.id or 'local'}") as root:
         get_run_logger().info("run checkout %s at commit %s (from %s)", root, git_commit[:12], base)
         return _stage_in(root, stage, parent_run_id, sync_remote, params_yaml, dvc_lock)
@@ -115,9 +122,11 @@ def dispatch_to_gpu_pool(root: str, stage: str, parent_run_id: Optional[str]) ->
     if upstream:
         dvc_ops.push(root, upstream)
     t0 = time.perf_counter()
-    run = run_deployment(GPU_DEPLOYMENT, timeout=None, parameters={
+    limit = load_params_checked(project / PARAMS_FILE, check_dataset=False).timeouts.gpu_stage
+    run = run_on_gpu_pool(GPU_DEPLOYMENT, {
         "stage": stage, "parent_run_id": parent_run_id, "sync_remote": True, "git_commit": commit,
-        "params_yaml": handoff.read_text(project, PARAMS_FILE), "dvc_lock": handoff.read_text(project, "dvc.lock")})
+        "params_yaml": handoff.read_text(project, PARAMS_FILE), "dvc_lock": handoff.read_text(project, "dvc.lock")},
+        limit, stage)
     if not run.state or not run.state.is_completed():
         state = run.state.name if run.state else "without a state"
         cause = _artifact_of(run.id, FAILURE_ARTIFACT)
@@ -155,7 +164,7 @@ def validate_inputs(root: str | Path) -> Any:
     return params
 
 
-@flow(name="gkd-pipeline")
+@flow(name="gkd-pipeline", timeout_seconds=flow_inputs.flow_timeout("pipeline"))
 def pipeline(
     project_dir: Optional[str] = None,
     register_model: bool = True,
@@ -169,8 +178,16 @@ def pipeline(
     "promotion", "metrics", "comparison", "tracking_uri"}``. ``baselines`` (method names) are distilled after
     registration with the same teacher and seed, for the comparison table (not registered).
     """
+    flow_inputs.one_of(gpu_dispatch, ("local", "deployment"), "gpu_dispatch")
+    root = str(flow_inputs.project_dir(project_dir, from_deployment=deployment.id is not None))
+    flow_inputs.names(baselines, "baselines")
+    with project_lock.one_writer(root, f"pipeline flow run {flow_run.get_name() or 'local'}"):
+        return _pipeline(root, register_model, promote, gpu_dispatch, baselines)
+
+
+def _pipeline(root: str, register_model: bool, promote: bool, gpu_dispatch: str,
+              baselines: Optional[list[str]]) -> dict[str, Any]:
     log = get_run_logger()
-    root = str(handoff.project_dir(project_dir))
     paths = StagePaths(Path(root))
     params = validate_inputs(root)
     baselines = [m for m in (baselines or []) if m != params.method.name]

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
 
 from gkd_core.cli_support import UserError, load_params_checked
 from gkd_core.guard import NonFiniteLossError
@@ -79,8 +81,55 @@ def stage_options(stage: str) -> dict[str, Any]:
     return {**_policy(stage), "tags": ["gpu"] if stage in GPU_STAGES else ["cpu"]}
 
 
+PROMOTION_LIMIT = "gkd-promotion"  # Prefect global concurrency limit: one promotion at a time, everywhere
+PROMOTION_WAIT_S = 1800.0  # how long a promotion waits for the slot before it fails (and is retried)
+
+
+def ensure_promotion_limit() -> None:
+    """Create the global concurrency limit :data:`PROMOTION_LIMIT` (1 slot) on the Prefect server if missing."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.upsert_global_concurrency_limit_by_name(PROMOTION_LIMIT, 1)
+        except Exception:  # noqa: BLE001  created by another process in between: it must be readable now
+            client.read_global_concurrency_limit_by_name(PROMOTION_LIMIT)
+
+
+@functools.wraps(promote)
+def promote_serialised(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`tasks.promote.promote` holding the one slot of :data:`PROMOTION_LIMIT`: reading the aliases,
+    deciding and moving ``champion`` happen for one promotion at a time across every process and machine that
+    uses this Prefect server (the nightly pipeline's, ``gkd-promote/daily``, a person's), so any interleaving
+    ends with the registry of some one-after-the-other order."""
+    ensure_promotion_limit()
+    get_run_logger().info("waiting for the promotion slot (global concurrency limit %s)", PROMOTION_LIMIT)
+    with concurrency(PROMOTION_LIMIT, occupy=1, strict=True, timeout_seconds=PROMOTION_WAIT_S):
+        return promote(*args, **kwargs)
+
+
+def run_on_gpu_pool(deployment: str, parameters: dict[str, Any], timeout_s: float, stage: str) -> Any:
+    """``run_deployment`` of ``deployment`` and wait at most ``timeout_s`` (params.yaml ``timeouts.gpu_stage``).
+    A run still unfinished then (no worker took it, or its worker hangs) is cancelled (a worker kills its
+    process) and :class:`StageFailed` ends the caller with that cause; it is not retried (the same wait would
+    hang again). Returns the finished flow run."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelled, Cancelling
+
+    run = run_deployment(deployment, parameters=parameters, timeout=timeout_s)
+    if run.state is not None and run.state.is_final():
+        return run
+    state = run.state.name if run.state else "without a state"
+    started = run.state is not None and run.state.type in (StateType.RUNNING, StateType.CANCELLING)
+    message = f"{stage} on the gpu pool did not finish within timeouts.gpu_stage={timeout_s:g} s ({state})"
+    with get_client(sync_client=True) as client:
+        # a run a worker started is stopped by that worker (Cancelling); one nobody took is simply Cancelled
+        client.set_flow_run_state(run.id, (Cancelling if started else Cancelled)(message=message), force=True)
+    raise StageFailed(stage, f"{message}: its flow run {run.id} ({deployment}) was cancelled", "gpu_run", None,
+                      retryable=False)
+
+
 register_task = task(register, **_policy("register"))
-promote_task = task(promote, **_policy("promote"))
+promote_task = task(promote_serialised, **_policy("promote"))
 
 
 _worker_logging = False

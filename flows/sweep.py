@@ -25,18 +25,17 @@ from typing import Any, Optional, Sequence
 
 import typer
 from prefect import flow, get_run_logger, task
-from prefect.deployments import run_deployment
 from prefect.futures import as_completed
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flows import cli as flow_cli
-from flows.prefect_tasks import stage_options, sweep_point_task
+from flows.prefect_tasks import run_on_gpu_pool, stage_options, sweep_point_task
 from gkd_core.cli_support import UserError, load_params_checked, parse_overrides, run_cli
-from tasks import handoff, tracking
+from tasks import flow_inputs, handoff, project_lock, tracking
 from tasks.cli import configure_logging
 from tasks.dvc_ops import StageFailed
 from tasks.paths import PARAMS_FILE, StagePaths
@@ -55,23 +54,36 @@ SWEEP_POINT_DEPLOYMENT = "gkd-sweep-point/gpu"
 
 
 @flow(name="gkd-sweep-point")
-def sweep_point_flow(sweep_name: str, arm: str, seed: int, exchange: str, project_dir: Optional[str] = None,
+def sweep_point_flow(sweep_name: str, arm: str, seed: int, project_dir: Optional[str] = None,
                      parent_run_id: Optional[str] = None, git_commit: Optional[str] = None) -> dict[str, Any]:
     """One sweep point on a GPU worker, in a checkout of its own at ``git_commit`` (``handoff.run_checkout``;
     without a commit, in the worker's checkout): the sweep's shared files (params, data, teacher) fetched from
-    ``exchange``, the point distilled and evaluated, its reports sent back there."""
-    base = handoff.project_dir(project_dir)
+    the exchange of this worker's own DVC remote (``<remote>/gkd-sweeps/<sweep_name>``, never a URL from the
+    caller), the point distilled and evaluated, its reports sent back there."""
+    flow_inputs.name(sweep_name, "sweep_name")
+    flow_inputs.name(arm, "arm")
+    flow_inputs.run_id(parent_run_id)
+    flow_inputs.commit(git_commit)
+    base = flow_inputs.project_dir(project_dir, from_deployment=deployment.id is not None)
     if git_commit is None:
-        return _point_in(base, sweep_name, arm, seed, exchange, parent_run_id)
+        return _point_in(base, sweep_name, arm, seed, parent_run_id)
     with handoff.run_checkout(base, git_commit, f"point-{arm}-seed{seed}-{flow_run.id or 'local'}") as root:
         get_run_logger().info("run checkout %s at commit %s (from %s)", root, git_commit[:12], base)
-        return _point_in(root, sweep_name, arm, seed, exchange, parent_run_id)
+        return _point_in(root, sweep_name, arm, seed, parent_run_id)
 
 
-def _point_in(root: Path, sweep_name: str, arm: str, seed: int, exchange: str,
-              parent_run_id: Optional[str]) -> dict[str, Any]:
+def exchange_url(root: Path, sweep_name: str) -> str:
+    """Where a sweep's shared files and points' reports travel: ``<root>'s default DVC remote>/gkd-sweeps/<name>``."""
+    url = handoff.remote_url(root)
+    if url is None:
+        raise UserError(f"{root}: a sweep on the gpu pool sends its data through the DVC remote, and none is set: "
+                        "`dvc remote add -d <name> <url>` (the same on every machine)")
+    return f"{url.rstrip('/')}/gkd-sweeps/{sweep_name}"
+
+
+def _point_in(root: Path, sweep_name: str, arm: str, seed: int, parent_run_id: Optional[str]) -> dict[str, Any]:
     folder = root / SWEEP_DIR / sweep_name
-    ex = handoff.Exchange(exchange)
+    ex = handoff.Exchange(exchange_url(root, sweep_name))
     ex.get(folder, list(SHARED_FILES))
     point = sweep_point(arm, seed, str(folder), parent_run_id)
     ex.put(folder, point_reports(arm, seed))
@@ -83,9 +95,10 @@ def _point_in(root: Path, sweep_name: str, arm: str, seed: int, exchange: str,
 def dispatch_point(spec_name: str, arm: str, seed: int, exchange: str, folder: str, parent_run_id: Optional[str],
                    git_commit: str) -> dict[str, Any]:
     """Run one point on the gpu pool and wait; its reports come back through the exchange."""
-    run = run_deployment(SWEEP_POINT_DEPLOYMENT, timeout=None, parameters={
-        "sweep_name": spec_name, "arm": arm, "seed": seed, "exchange": exchange, "parent_run_id": parent_run_id,
-        "git_commit": git_commit})
+    limit = load_params_checked(Path(folder) / PARAMS_FILE, check_dataset=False).timeouts.gpu_stage
+    run = run_on_gpu_pool(SWEEP_POINT_DEPLOYMENT, {
+        "sweep_name": spec_name, "arm": arm, "seed": seed, "parent_run_id": parent_run_id, "git_commit": git_commit},
+        limit, f"{arm}-seed{seed}")
     if not run.state or not run.state.is_completed():
         state = run.state.name if run.state else "without a state"
         raise StageFailed(f"{arm}-seed{seed}", f"sweep point {arm}-seed{seed} on the gpu pool ended {state}: "
@@ -94,7 +107,7 @@ def dispatch_point(spec_name: str, arm: str, seed: int, exchange: str, folder: s
     return point_figures(arm, seed, StagePaths(Path(folder), Path(POINTS) / f"{arm}-seed{seed}"), skipped=False)
 
 
-@flow(name="gkd-sweep", task_runner=ProcessPoolTaskRunner(max_workers=2))
+@flow(name="gkd-sweep", task_runner=ProcessPoolTaskRunner(max_workers=2), timeout_seconds=flow_inputs.flow_timeout("sweep"))
 def sweep(spec: Optional[SweepSpec] = None, project_dir: Optional[str] = None,
           threads_per_worker: Optional[int] = None, show_progress: bool = False,
           preset: Optional[str] = None, gpu_dispatch: str = "local") -> dict[str, Any]:
@@ -102,12 +115,20 @@ def sweep(spec: Optional[SweepSpec] = None, project_dir: Optional[str] = None,
     "table"}``. Use ``sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))`` for another
     parallelism. ``gpu_dispatch="deployment"`` runs every point on the gpu pool (``gkd-sweep-point/gpu``): the
     shared data and teacher travel through ``<DVC remote>/gkd-sweeps/<name>/``, the points' reports back."""
-    log = get_run_logger()
-    root = handoff.project_dir(project_dir)
+    flow_inputs.one_of(gpu_dispatch, ("local", "deployment"), "gpu_dispatch")
+    root = flow_inputs.project_dir(project_dir, from_deployment=deployment.id is not None)
     if spec is None:
         if not preset:
             raise UserError("a sweep needs a spec or a preset name")
-        spec = load_preset(root, preset)
+        spec = load_preset(root, flow_inputs.name(preset, "preset"))
+    # one sweep per folder: a second one of the same name would rewrite the first's params and teacher
+    with project_lock.one_writer(sweep_root(root, spec), f"sweep {spec.name} flow run {flow_run.get_name() or 'local'}"):
+        return _sweep(root, spec, threads_per_worker, show_progress, gpu_dispatch)
+
+
+def _sweep(root: Path, spec: SweepSpec, threads_per_worker: Optional[int], show_progress: bool,
+           gpu_dispatch: str) -> dict[str, Any]:
+    log = get_run_logger()
     # the points' stages run in the sweep's folder but log to the project's store (under this parent run);
     # set before any point process starts, so they inherit it
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))
@@ -122,11 +143,7 @@ def sweep(spec: Optional[SweepSpec] = None, project_dir: Optional[str] = None,
         log.info("sweep %s: data and teacher %s (teacher test accuracy %.4f)", spec.name,
                  "prepared now" if shared["ran"] else "reused", shared["teacher"].get("test_accuracy", float("nan")))
         if gpu_dispatch == "deployment":
-            url = handoff.remote_url(root)
-            if url is None:
-                raise UserError("gpu_dispatch='deployment' sends the sweep's data through the DVC remote, and none "
-                                "is set: `dvc remote add -d <name> <url>`")
-            exchange = f"{url.rstrip('/')}/gkd-sweeps/{spec.name}"
+            exchange = exchange_url(root, spec.name)
             handoff.Exchange(exchange).put(folder, list(SHARED_FILES))
             commit = handoff.pinned_commit(root)
             futures = [dispatch_point.submit(spec.name, arm, seed, exchange, str(folder), parent, commit)

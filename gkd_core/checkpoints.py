@@ -29,7 +29,7 @@ from gkd_core.io import UnsafeFileError, safe_torch_load, torch_save
 logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "Checkpointing", "save_checkpoint", "load_checkpoint",
-           "restore_checkpoint", "HOLD_ENV", "hold_after_checkpoint"]
+           "restore_checkpoint", "HOLD_ENV", "hold_after_checkpoint", "hold_until_removed"]
 
 CHECKPOINT_FORMAT = "gkd-checkpoint/2"
 # Fault-injection hook for tests: "<epoch>:<file>" makes the run that writes the checkpoint of <epoch> create
@@ -133,9 +133,13 @@ def hold_after_checkpoint(epoch: int) -> None:
         raise ValueError(f"{HOLD_ENV}={spec!r}: expected <epoch>:<file>")
     if int(at) != epoch:
         return
-    path = Path(marker)
+    hold_until_removed(Path(marker), f"after the epoch {epoch} checkpoint ({HOLD_ENV})")
+
+
+def hold_until_removed(path: Path, where: str) -> None:
+    """Fault-injection for tests: create ``path`` and wait (at most HOLD_MAX_S) until it is removed."""
     path.write_text(f"{os.getpid()}\n")
-    logger.info("holding after the epoch %d checkpoint until %s is removed (%s)", epoch, path, HOLD_ENV)
+    logger.info("holding %s until %s is removed", where, path)
     deadline = time.monotonic() + HOLD_MAX_S
     while path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -1,6 +1,6 @@
 """The whole params.yaml as pydantic models, validated before any compute.
 
-The sections (dataset, teacher, student, losses, runtime, export, mlflow, promote) are in
+The sections (dataset, teacher, student, losses, runtime, export, mlflow, promote, timeouts) are in
 :mod:`gkd_core.sections`; the ``method`` section is assembled here from the methods registry
 (:data:`gkd_core.methods.METHODS`): ``method.name`` is one of the registered names and every registered method
 with parameters has its own block ``method.<name>`` validated by the model its spec declares. A method added to
@@ -12,9 +12,10 @@ per bad field: ``<file>: <dotted.field> = <value>: <what is allowed>``. Unknown 
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
@@ -30,6 +31,7 @@ from gkd_core.sections import (
     ModelConfig,
     NetConfig,
     PromoteConfig,
+    TimeoutsConfig,
     RuntimeConfig,
     Strict,
     TrainConfig,
@@ -38,8 +40,8 @@ from gkd_core.sections import (
 
 __all__ = [
     "Params", "ParamsBase", "MethodConfig", "ConfigError", "load_params", "validate_params", "params_model",
-    "format_validation_error", "set_dotted", "DATASET_NAMES", "DatasetConfig", "ExportConfig", "GradMatchConfig",
-    "LossesConfig", "MlflowConfig", "ModelConfig", "NetConfig", "PromoteConfig", "RuntimeConfig", "Strict",
+    "format_validation_error", "apply_overrides", "set_dotted", "DATASET_NAMES", "DatasetConfig", "ExportConfig", "GradMatchConfig",
+    "LossesConfig", "MlflowConfig", "ModelConfig", "NetConfig", "PromoteConfig", "RuntimeConfig", "Strict", "TimeoutsConfig",
     "TrainConfig", "WassersteinConfig",
 ]
 
@@ -72,6 +74,7 @@ class ParamsBase(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
 
     @model_validator(mode="after")
     def _processes_can_share_the_work(self) -> "ParamsBase":
@@ -174,7 +177,8 @@ def validate_params(data: Any, source: str = "params") -> ParamsBase:
 
 
 def load_params(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> ParamsBase:
-    """Read and validate a params.yaml. ``overrides`` maps dotted keys to values (``{"method.name": "kd"}``)."""
+    """Read and validate a params.yaml. ``overrides`` maps dotted keys to values (``{"method.name": "kd"}``),
+    applied with :func:`apply_overrides`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: params file not found"])
@@ -182,16 +186,37 @@ def load_params(path: str | Path, overrides: Optional[dict[str, Any]] = None) ->
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
-    for key, value in (overrides or {}).items():
-        set_dotted(data, key, value)
-    return validate_params(data, str(path))
+    return validate_params(apply_overrides(data, overrides or {}), str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (not modified) with dotted-key ``overrides``, the one meaning of ``-S`` everywhere (``gkd``, the
+    stage CLIs, the sweep's presets and ``-S``): a scalar or list replaces the value the key names; a mapping
+    is merged into the section the key names, recursively, so ``student.train={epochs: 3}`` changes the
+    epochs and keeps the section's other fields (as ``student.train.epochs=3`` does)."""
+    out = copy.deepcopy(data)
+    for key, value in overrides.items():
+        set_dotted(out, key, copy.deepcopy(value))
+    return out
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` (dotted) in ``data`` in place; a mapping ``value`` merges into an existing section."""
     node = data
     *parents, leaf = key.split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError([f"override {key}: {part} is not a section"])
-    node[leaf] = value
+    if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+        _merge_into(node[leaf], value)
+    else:
+        node[leaf] = value
+
+
+def _merge_into(section: dict[str, Any], value: Mapping[str, Any]) -> None:
+    for key, sub in value.items():
+        if isinstance(sub, Mapping) and isinstance(section.get(key), dict):
+            _merge_into(section[key], sub)
+        else:
+            section[key] = sub

@@ -180,6 +180,17 @@ class MlflowConfig(Strict):
     registered_model_name: str = Field("gkd-student", min_length=1)
 
 
+class TimeoutsConfig(Strict):
+    """Time limits of the orchestration, in seconds (flows/: the library itself never stops a computation).
+    A run past its limit ends with a cause that says which limit it hit."""
+
+    gpu_stage: int = Field(21600, ge=1, description="wait for one stage or sweep point sent to the gpu pool; "
+                                                       "past it the run is cancelled and the parent fails")
+    pipeline: int = Field(86400, ge=1, description="one pipeline flow run, end to end")
+    sweep: int = Field(259200, ge=1, description="one sweep flow run, end to end")
+    promote: int = Field(1800, ge=1, description="one promotion flow run, waiting for the promotion slot included")
+
+
 class PromoteConfig(Strict):
     """Promotion: floors every candidate must clear (the first champion too), then the comparison with the
     champion on ``metric``."""

@@ -15,6 +15,7 @@ torchrun with that many processes (:mod:`tasks.launch`); under torchrun, ranks o
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import sys
@@ -25,7 +26,7 @@ import typer
 
 from gkd_core.cli_support import parse_overrides, run_cli
 from gkd_core.distributed import rank as process_rank, shutdown as leave_process_group
-from tasks import launch
+from tasks import launch, project_lock
 from tasks.paths import PARAMS_FILE, StagePaths
 from tasks.tracking import PARENT_ENV
 
@@ -81,18 +82,21 @@ def stage_app(stage: Callable[..., Any], doc: Optional[str], *extras: inspect.Pa
     def command(params_path: Path, overrides: Optional[list[str]], out_dir: Optional[Path],
                 parent_run_id: Optional[str], verbose: bool, **extra: Any) -> None:
         configure_logging(verbose)
-        if distributed and not launch.under_torchrun():
-            nproc = run_cli(lambda: launch.processes_to_launch(params_path, parse_overrides(overrides)),
-                            report=logger.error)
-            if nproc > 1:
-                argv = launch.stage_argv(params_path, overrides, out_dir, parent_run_id, verbose, extra)
-                code = launch.relaunch(nproc, launch.stage_module(stage), argv)
-                if code:
-                    raise typer.Exit(code)
-                return
-        run_cli(lambda: stage(StagePaths(Path("."), out_dir), params_path=params_path,
-                              overrides=parse_overrides(overrides), parent_run_id=parent_run_id, **extra),
-                report=logger.error)
+        with contextlib.ExitStack() as writer:  # one writer per output folder (tasks/project_lock.py)
+            run_cli(lambda: writer.enter_context(project_lock.one_writer(out_dir or Path("."), stage.__name__)),
+                    report=logger.error)
+            if distributed and not launch.under_torchrun():
+                nproc = run_cli(lambda: launch.processes_to_launch(params_path, parse_overrides(overrides)),
+                                report=logger.error)
+                if nproc > 1:
+                    argv = launch.stage_argv(params_path, overrides, out_dir, parent_run_id, verbose, extra)
+                    code = launch.relaunch(nproc, launch.stage_module(stage), argv)
+                    if code:
+                        raise typer.Exit(code)
+                    return
+            run_cli(lambda: stage(StagePaths(Path("."), out_dir), params_path=params_path,
+                                  overrides=parse_overrides(overrides), parent_run_id=parent_run_id, **extra),
+                    report=logger.error)
         if distributed:
             leave_process_group()  # after a finished run on every rank (a no-op in one process)
 

@@ -56,7 +56,7 @@ def distill_student(
     if not distributed.is_main():  # a torchrun worker of rank > 0: the same training; rank 0 writes and logs
         runner.distill_student(params, data, teacher, checkpoint_path=ckpt)
         return {}
-    mirror = CheckpointMirror.from_env()
+    mirror = CheckpointMirror.from_env(paths.root, f"{ckpt.name}:{params.model_dump_json()}")
     if mirror is not None:
         mirror.fetch(ckpt)
     with tracking.stage_run(STAGE, paths.root, parent_run_id, params=params, run_name=run_name,

@@ -24,7 +24,7 @@ from tasks import tracking
 from tasks.cli import stage_app
 from tasks.inputs import load_model_checked, load_prepared_checked
 from tasks.paths import CONFUSION_CSV, CONFUSION_PNG, EVALUATE_REPORT, PARAMS_FILE, PREPARED, STUDENT, TEACHER, StagePaths
-from tasks.reports import test_metrics, write_confusion_csv, write_report
+from tasks.reports import file_sha256, test_metrics, write_confusion_csv, write_report
 from tasks.stages import STAGES
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def evaluate(
     """Evaluate the student on the test split (with teacher agreement when the teacher file exists)."""
     params = load_params_checked(paths.root / params_path, overrides, check_dataset=False)
     data = load_prepared_checked(paths.input(PREPARED))
+    model_sha256 = file_sha256(paths.input(STUDENT))  # what this report describes (register checks it)
     student, student_meta = load_model_checked(paths.input(STUDENT), "student", "distill_student", data,
                                                params.student.model, "student.model")
     teacher = None
@@ -55,6 +56,7 @@ def evaluate(
             "n": ev["n"],
             "num_classes": data.num_classes,
             "method": student_meta.extra.get("method", params.method.name),
+            "model_sha256": model_sha256,
             **test_metrics(ev),
             "test_balanced_accuracy": ev["balanced_accuracy"],
             "per_class_accuracy": {c: a for c, a in zip(data.classes, ev["per_class"])},

@@ -14,7 +14,6 @@ version's ``onnx_parity`` tag, and promotion refuses such a model. The ONNX file
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -30,7 +29,7 @@ from tasks import tracking
 from tasks.cli import option, stage_app
 from tasks.inputs import load_model_checked, load_prepared_checked
 from tasks.paths import EXPORT_REPORT, ONNX, PARAMS_FILE, PREPARED, STUDENT, StagePaths
-from tasks.reports import write_report
+from tasks.reports import file_sha256, write_report
 from tasks.stages import STAGES
 
 logger = logging.getLogger(__name__)
@@ -43,14 +42,6 @@ def example_batch(data: PreparedData, rows: int = EXAMPLE_ROWS) -> torch.Tensor:
     return normalise_images(data.test_x[:rows], data.mean.tolist(), data.std.tolist())
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_onnx(
     paths: StagePaths = StagePaths(),
     params_path: str | Path = PARAMS_FILE,
@@ -61,6 +52,7 @@ def export_onnx(
     """Export and parity-check the student; returns the report dict (``passed``, ``max_abs_diff``, ...)."""
     params = load_params_checked(paths.root / params_path, overrides, check_dataset=False)
     data = load_prepared_checked(paths.input(PREPARED))
+    model_sha256 = file_sha256(paths.input(STUDENT))  # what this report describes
     student, meta = load_model_checked(paths.input(STUDENT), "student", "distill_student", data,
                                        params.student.model, "student.model")
     onnx_path = paths.output(ONNX)
@@ -72,6 +64,7 @@ def export_onnx(
         except export.ExportError as err:
             raise UserError(f"ONNX export failed: {err}") from None
         result = {**rep.to_dict(), "path": ONNX, "sha256": file_sha256(onnx_path), "bytes": onnx_path.stat().st_size,
+                  "model_sha256": model_sha256,
                   "max_abs_diff_e6": round(rep.max_abs_diff * 1e6, 3)}
         write_report(paths.output(EXPORT_REPORT), result)
         run.set_tags({"onnx_parity": "passed" if rep.passed else "failed"})

@@ -10,8 +10,9 @@
 * **Data and models**: the DVC remote (``dvc push`` / ``dvc pull`` of the stages' outputs).
 * **The result**: the stage's new dvc.lock entry, handed back through a Prefect artifact (stored by the
   Prefect server both boxes talk to) and merged into the CPU box's dvc.lock.
-* **Resume state**: every epoch's checkpoint is mirrored to ``<DVC remote>/gkd-checkpoints/`` (fsspec), so a
-  rerun on any GPU box resumes from the last epoch the remote holds after a worker died.
+* **Resume state**: every epoch's checkpoint is mirrored to ``<DVC remote>/gkd-checkpoints/<project>/<run>/``
+  (fsspec; :class:`CheckpointMirror`), so a rerun on any GPU box resumes from the last epoch the remote holds
+  after a worker died.
 * **Sweeps** (not DVC-tracked): a sweep's shared files and each point's reports travel through
   ``<DVC remote>/gkd-sweeps/<name>/`` (:class:`Exchange`).
 """
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -172,11 +174,16 @@ def lock_entry(root: Path, stage: str) -> Optional[dict[str, Any]]:
 
 
 def merge_lock_entry(root: Path, stage: str, entry: dict[str, Any]) -> None:
-    """Put ``entry`` in ``root``'s dvc.lock for ``stage`` (the other stages' entries are kept)."""
-    text = read_text(root, "dvc.lock")
-    lock = (yaml.safe_load(text) if text else None) or {"schema": "2.0", "stages": {}}
-    lock.setdefault("stages", {})[stage] = entry
-    write_text(root, "dvc.lock", yaml.safe_dump(lock, sort_keys=False))
+    """Put ``entry`` in ``root``'s dvc.lock for ``stage`` (the other stages' entries are kept), holding DVC's
+    repository lock as DVC itself does when it writes the file (a `dvc` command running meanwhile waits or
+    fails; it never interleaves)."""
+    from tasks.dvc_ops import open_repo  # DVC is slow to import; only the hand-off needs it here
+
+    with open_repo(root) as repo, repo.lock:
+        text = read_text(root, "dvc.lock")
+        lock = (yaml.safe_load(text) if text else None) or {"schema": "2.0", "stages": {}}
+        lock.setdefault("stages", {})[stage] = entry
+        write_text(root, "dvc.lock", yaml.safe_dump(lock, sort_keys=False))
 
 
 def remote_url(root: Path) -> Optional[str]:
@@ -213,6 +220,15 @@ class Exchange:
                 dst.write(src.read())
 
 
+def project_id(root: Path) -> str:
+    """What names a project on a shared store: its git history's root commit (12 hex digits), the same in
+    every clone and run checkout of it; a folder outside git is named by its absolute path's hash."""
+    roots = _git(root, "rev-list", "--max-parents=0", "HEAD", check=False).split()
+    if roots:
+        return sorted(roots)[0][:12]
+    return "path-" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+
+
 class CheckpointMirror:
     """A copy of a training stage's checkpoint kept at ``url`` (any fsspec URL or folder)."""
 
@@ -220,9 +236,16 @@ class CheckpointMirror:
         self.url = url.rstrip("/")
 
     @classmethod
-    def from_env(cls) -> Optional["CheckpointMirror"]:
+    def from_env(cls, root: Path, run_config: str) -> Optional["CheckpointMirror"]:
+        """The mirror under ``$GKD_CHECKPOINT_MIRROR``, keyed ``<project>/<run>/``: the project (:func:`project_id`)
+        and the run's configuration (``run_config``, hashed), so projects sharing one DVC remote, and runs of
+        other settings, neither overwrite nor delete each other's checkpoints, while a rerun of the same run on
+        any machine finds its own."""
         url = os.environ.get(MIRROR_ENV, "").strip()
-        return cls(url) if url else None
+        if not url:
+            return None
+        run = hashlib.sha256(run_config.encode()).hexdigest()[:16]
+        return cls(f"{url.rstrip('/')}/{project_id(root)}/{run}")
 
     def _target(self, local: Path) -> str:
         return f"{self.url}/{local.name}"

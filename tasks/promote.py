@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -40,6 +41,7 @@ from typing import Any, Mapping, Optional
 import typer
 from mlflow.exceptions import MlflowException
 
+from gkd_core.checkpoints import hold_until_removed
 from gkd_core.cli_support import load_params_checked
 from gkd_core.io import atomic_write, write_json
 from tasks import tracking
@@ -50,6 +52,7 @@ from tasks.registry import CLASSES_TAG, DATA_TAG
 logger = logging.getLogger(__name__)
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+HOLD_ENV = "GKD_TEST_HOLD_BEFORE_ALIAS"  # tests: "<file>" holds each promotion there until <file> is removed
 REFUSED_EXIT_CODE = 3  # --fail-on-refuse
 
 
@@ -273,6 +276,8 @@ def promote(
             decision, reason, improvement = "refused", unreadable, improvement
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     champion_after = champion["version"] if champion else None
+    if os.environ.get(HOLD_ENV):  # tests: a window between the decision and the alias move, to race into
+        hold_until_removed(Path(os.environ[HOLD_ENV]), "between the promotion decision and the alias move")
     if decision == "promoted":
         client.set_registered_model_alias(name, champion_alias, challenger["version"])
         champion_after = challenger["version"]

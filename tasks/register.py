@@ -34,7 +34,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from PIL import Image
 
 import gkd_core
-from gkd_core.cli_support import load_params_checked
+from gkd_core.cli_support import UserError, load_params_checked
 from gkd_core.modelfile import ModelMeta
 from gkd_core.predict import classify, predictions_table
 from tasks import tracking
@@ -43,7 +43,7 @@ from tasks.export_onnx import example_batch
 from tasks.inputs import load_model_checked, load_prepared_checked, require_file
 from tasks.paths import EVALUATE_REPORT, EXPORT_REPORT, ONNX, PARAMS_FILE, PREPARED, STUDENT, STUDENT_REPORT, StagePaths
 from tasks.registry import CLASSES_TAG, DATA_TAG, MODEL_FILE_ARTIFACT, SERVING_CODE, classes_digest
-from tasks.reports import read_report
+from tasks.reports import file_sha256, read_report
 
 logger = logging.getLogger(__name__)
 STAGE = "register"
@@ -103,6 +103,19 @@ def example_images(data: Any, meta: ModelMeta) -> pd.DataFrame:
     return pd.DataFrame({"image": rows})
 
 
+def check_reports_describe(model: Path, reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """The model file's SHA-256, when every report names it as the model it describes (``model_sha256``);
+    else UserError: metrics of other weights (a concurrent run, a stale report) are never registered."""
+    actual = file_sha256(model)
+    for rel, report in reports.items():
+        described = report.get("model_sha256")
+        if described != actual:
+            what = f"weights {str(described)[:12]}" if described else "no model_sha256 (written by an older version)"
+            raise UserError(f"{rel} describes {what}, but {model} is {actual[:12]}: the report is not of this "
+                            "model; rerun the stages after distill_student (`dvc repro`)")
+    return actual
+
+
 def register(
     paths: StagePaths = StagePaths(),
     params_path: str | Path = PARAMS_FILE,
@@ -123,6 +136,7 @@ def register(
     evaluation = read_report(paths.input(EVALUATE_REPORT))
     export = read_report(paths.input(EXPORT_REPORT))
     training = read_report(paths.input(STUDENT_REPORT)) if paths.input(STUDENT_REPORT).is_file() else {}
+    check_reports_describe(paths.input(STUDENT), {EVALUATE_REPORT: evaluation, EXPORT_REPORT: export})
     data = load_prepared_checked(paths.input(PREPARED))
     student, meta = load_model_checked(paths.input(STUDENT), "student", "distill_student", data,
                                        params.student.model, "student.model")

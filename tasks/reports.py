@@ -17,6 +17,7 @@ reader of a stage report uses (tasks/register.py, tasks/sweep.py, flows/pipeline
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -66,6 +67,15 @@ def split_report(report: Mapping[str, Any], details: Collection[str] = DETAILS
     """``(metrics, info)``: the top-level numbers (not ``details``) and everything else (text, nested, None)."""
     metrics = {k: v for k, v in report.items() if is_metric(k, v, details)}
     return metrics, {k: v for k, v in report.items() if k not in metrics}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex): what a report says it describes (``model_sha256``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_report(path: str | os.PathLike, report: Mapping[str, Any], details: Collection[str] = DETAILS) -> None:

@@ -14,7 +14,6 @@ seeds) with a 95% t-interval; the PNG shows every seed's value with the arms' me
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -32,8 +31,10 @@ import yaml
 from scipy import stats
 
 from gkd_core.cli_support import UserError, load_params_checked
+from gkd_core.config import apply_overrides
 from gkd_core.io import atomic_write, write_json
 from gkd_core.plots import plot_comparison
+from tasks import flow_inputs
 from tasks.distill_student import distill_student
 from tasks.evaluate import evaluate
 from tasks.paths import DATA_REPORT, EVALUATE_REPORT, PARAMS_FILE, STUDENT_REPORT, TEACHER_REPORT, StagePaths
@@ -58,6 +59,11 @@ class SweepSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
+    def __post_init__(self) -> None:
+        # the name and the arms become folders (reports/sweep/<name>/points/<arm>-seed<n>): never a path
+        flow_inputs.name(self.name, "sweep name")
+        flow_inputs.names(self.arms, "arm")
+
 
 def load_preset(root: Path, name: str) -> SweepSpec:
     """Preset ``name`` of ``<root>/sweeps.yaml``, or UserError naming the presets there are."""
@@ -77,19 +83,8 @@ def load_preset(root: Path, name: str) -> SweepSpec:
 
 
 def merged(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``data`` with dotted-key ``overrides``; a mapping value is merged into the section it names (so
-    ``teacher.train: {epochs: 3}`` keeps the other training fields)."""
-    out = copy.deepcopy(data)
-    for key, value in overrides.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
-            node[leaf] = merged(node[leaf], {k: v for k, v in value.items()})
-        else:
-            node[leaf] = copy.deepcopy(value)
-    return out
+    """``data`` with dotted-key ``overrides``: ``-S``'s one meaning (gkd_core.config.apply_overrides)."""
+    return apply_overrides(data, overrides)
 
 
 def sweep_root(root: Path, spec: SweepSpec) -> Path:

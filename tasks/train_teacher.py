@@ -42,7 +42,7 @@ def train_teacher(
     if not distributed.is_main():  # a torchrun worker of rank > 0: the same training; rank 0 writes and logs
         runner.train_teacher(params, data, checkpoint_path=ckpt)
         return {}
-    mirror = CheckpointMirror.from_env()
+    mirror = CheckpointMirror.from_env(paths.root, f"{ckpt.name}:{params.model_dump_json()}")
     if mirror is not None:
         mirror.fetch(ckpt)
     with tracking.stage_run(STAGE, paths.root, parent_run_id, params=params) as run:

@@ -280,3 +280,29 @@ def test_the_chance_floor_cannot_be_skipped() -> None:
              "onnx_parity": "passed"}
     decision, reason, _ = decide(chall, None, PromoteConfig(metric="test_accuracy", min_accuracy=0.0))
     assert decision == "refused" and "num_classes is missing" in reason
+
+
+def test_reports_of_other_weights_are_never_registered(registry: Path, tmp_path: Path) -> None:
+    """The evaluation and export reports name the SHA-256 of the model they describe: weights swapped in after
+    them (a concurrent run, a stale report) are refused before anything is logged."""
+    from gkd_core.cli_support import UserError
+    from tasks import tracking
+    from tasks.paths import EVALUATE_REPORT, EXPORT_REPORT, ONNX, STUDENT, STUDENT_INFO, STUDENT_REPORT, StagePaths
+    from tasks.register import register
+    from tasks.reports import file_sha256, info_path, read_report
+
+    root = registry
+    assert read_report(root / EVALUATE_REPORT)["model_sha256"] == file_sha256(root / STUDENT)
+    assert read_report(root / EXPORT_REPORT)["model_sha256"] == file_sha256(root / STUDENT)
+    paths = StagePaths(root, tmp_path / "swapped")
+    for rel in (ONNX, STUDENT_REPORT, STUDENT_INFO, EVALUATE_REPORT, EXPORT_REPORT):
+        paths.output(rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, paths.output(rel))
+    for rel in (EVALUATE_REPORT, EXPORT_REPORT):  # their companions too
+        shutil.copy2(info_path(root / rel), info_path(paths.output(rel)))
+    other = next((root / "reports/baselines").rglob("student.pt"))  # the baseline's weights: same shapes
+    shutil.copy2(other, paths.output(STUDENT))
+    with pytest.raises(UserError, match=r"reports/evaluate.json describes weights [0-9a-f]{12}, but .* is "
+                                        r"[0-9a-f]{12}: the report is not of this model"):
+        register(paths)
+    assert tracking.get_client(root).search_registered_models() == []

@@ -62,3 +62,33 @@ def test_the_readme_form_of_the_sweep_command_runs(clone_project) -> None:
     assert "student[kd] epoch 1/1" in proc.stderr, "a point's epoch lines (in a worker process) were not shown"
     table = json.loads((root / "reports/sweep/readme/comparison.json").read_text())
     assert [r["arm"] for r in table["arms"]] == ["none", "kd"]
+
+
+def test_a_second_sweep_in_the_same_folder_is_refused_while_the_first_runs(clone_project, tmp_path: Path) -> None:
+    """Two `python -m flows.sweep` without --name share reports/sweep/custom: the second is refused with who holds
+    the folder (before it writes anything) and the first finishes as if alone."""
+    from _servers import start_process, tool_env, wait_for
+
+    root: Path = clone_project()
+    hold = tmp_path / "hold"
+    cmd = [sys.executable, "-m", "flows.sweep", "--methods", "none", "--seeds", "0", "--workers", "1",
+           "-S", "teacher.train.epochs=2", "-S", "student.train.epochs=1"]
+    first = start_process("first sweep", cmd, tmp_path / "first.log",
+                          tool_env({"GKD_TEST_HOLD_AFTER_EPOCH": f"2:{hold}"}), cwd=root)
+    try:
+        wait_for(hold.exists, 600, "the first sweep to hold in its teacher's training", on_timeout=first.output)
+        params_before = (root / "reports/sweep/custom/params.yaml").read_text()
+        second = run([*cmd[:4], "kd", *cmd[5:]], root, check=False, timeout=600, env={"COLUMNS": "500"})
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "reports/sweep/custom is being written by another run (sweep custom flow run" in second.stderr
+        assert f"pid {first.popen.pid}" in second.stderr
+        assert (root / "reports/sweep/custom/params.yaml").read_text() == params_before  # untouched
+        hold.unlink()
+        wait_for(lambda: not first.alive(), 600, "the first sweep to finish", on_timeout=first.output)
+        assert first.popen.returncode == 0, first.output()
+    finally:
+        hold.unlink(missing_ok=True)
+        first.stop()
+    table = json.loads((root / "reports/sweep/custom/comparison.json").read_text())
+    assert [r["arm"] for r in table["arms"]] == ["none"]
+    assert not (root / "reports/sweep/custom/.gkd-writer.json").exists()  # released

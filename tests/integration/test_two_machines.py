@@ -224,7 +224,7 @@ def test_a_checkpoint_outlives_the_gpu_worker_that_wrote_it(tmp_path: Path) -> N
     env = tool_env({"GKD_CHECKPOINT_MIRROR": str(mirror)})
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "distill_student"], cwd=first, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for(lambda: any(mirror.glob("student-*.pt")), 600, "a mirrored checkpoint")
+    wait_for(lambda: any(mirror.rglob("student-*.pt")), 600, "a mirrored checkpoint")
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
@@ -236,5 +236,5 @@ def test_a_checkpoint_outlives_the_gpu_worker_that_wrote_it(tmp_path: Path) -> N
     a = torch.load(first / "models/student.pt", weights_only=True)["state_dict"]
     b = torch.load(reference / "models/student.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not any(mirror.glob("student-*.pt"))  # removed once the stage finished
+    assert not any(mirror.rglob("student-*.pt"))  # removed once the stage finished
 

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -96,3 +97,26 @@ def test_every_method_maps_to_a_schedule(method):
     assert 0.0 <= s.weight(0.5) <= 100.0
     if method == "none":
         assert not s.enabled
+
+
+def test_a_section_override_merges_the_same_way_in_every_command():
+    """`-S 'student.train={epochs: 3}'` changes the epochs and keeps the section's other fields, in the stage and
+    `gkd` CLIs (load_params) exactly as in the sweep (tasks.sweep.merged): one meaning of -S."""
+    from gkd_core.cli_support import parse_overrides
+    from tasks.sweep import merged
+
+    repo_params = Path(__file__).resolve().parents[2] / "params.yaml"
+    data = yaml.safe_load(repo_params.read_text())
+    assert data["student"]["train"]["warmup_epochs"] == 1  # not the default (0): a replace would show
+    for items in (["student.train={epochs: 3}"], ["student.train.epochs=3"], ["student={train: {epochs: 3}}"]):
+        overrides = parse_overrides(items)
+        cli = load_params(repo_params, overrides)
+        assert cli.student.train.epochs == 3 and cli.student.train.warmup_epochs == 1, items
+        assert cli.student.train.lr == data["student"]["train"]["lr"]
+        assert cli.model_dump() == validate_params(merged(data, overrides)).model_dump(), items
+    # a scalar or a list still replaces, and the caller's mapping is not modified
+    overrides = parse_overrides(["student.train.epochs=4", "method.name=kd"])
+    assert load_params(repo_params, overrides).method.name == "kd"
+    before = yaml.safe_load(repo_params.read_text())
+    merged(data, {"student.train": {"epochs": 9}})
+    assert data == before

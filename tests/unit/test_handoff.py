@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def test_params_and_lock_edits_travel_but_code_edits_are_refused_by_name(tmp_pat
 
 
 def test_a_handed_back_lock_entry_replaces_only_its_stage(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(
         {"schema": "2.0", "stages": {"prepare_data": {"cmd": "a"}, "train_teacher": {"cmd": "old"}}}))
     handoff.merge_lock_entry(tmp_path, "train_teacher", {"cmd": "new"})
@@ -53,7 +55,7 @@ def test_a_handed_back_lock_entry_replaces_only_its_stage(tmp_path: Path) -> Non
         "prepare_data", "train_teacher", "distill_student"}
 
 
-def _dvc_repo(root: Path) -> Path:
+def _dvc_repo(root: Path, first_message: str = "one") -> Path:
     """A git + DVC checkout with two commits; HEAD is the second."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
@@ -63,7 +65,7 @@ def _dvc_repo(root: Path) -> Path:
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, capture_output=True)
     (root / "code.py").write_text("v = 1\n")
     git("add", ".")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", first_message)
     (root / "code.py").write_text("v = 2\n")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "two")
     return root
@@ -115,3 +117,52 @@ def test_an_unknown_commit_is_one_line_after_a_fetch(tmp_path: Path, monkeypatch
         with handoff.run_checkout(base, "0123456789abcdef0123456789abcdef01234567", "stage"):
             pass
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_lock_entry_is_merged_under_dvcs_own_lock(tmp_path: Path) -> None:
+    """While a `dvc` command holds the repository lock, the hand-back does not write dvc.lock behind its back."""
+    from dvc.lock import LockError
+
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    held = tmp_path / "held"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, sys, time; from dvc.repo import Repo; r = Repo(sys.argv[1]); r.lock.lock(); "
+        "h = pathlib.Path(sys.argv[2]); h.write_text('x')\nwhile h.exists(): time.sleep(0.05)"),
+        str(tmp_path), str(held)])
+    try:
+        for _ in range(600):
+            if held.exists() or holder.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert held.exists(), "the holder process did not take DVC's lock"
+        with pytest.raises(LockError):
+            handoff.merge_lock_entry(tmp_path, "train_teacher", {"cmd": "new"})
+        assert handoff.lock_entry(tmp_path, "train_teacher") is None
+    finally:
+        held.unlink(missing_ok=True)
+        holder.wait(timeout=60)
+    handoff.merge_lock_entry(tmp_path, "train_teacher", {"cmd": "new"})  # free again
+    assert handoff.lock_entry(tmp_path, "train_teacher") == {"cmd": "new"}
+
+
+def test_checkpoint_mirror_keys_name_the_project_and_the_run(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two projects on one DVC remote, or two configurations of one project, never share a checkpoint key; a
+    clone of the same project (another GPU box) with the same configuration finds the same one."""
+    monkeypatch.setenv(handoff.MIRROR_ENV, str(tmp_path / "remote" / "gkd-checkpoints"))
+    a, b = _dvc_repo(tmp_path / "a"), _dvc_repo(tmp_path / "b", "another project")  # separate histories
+    clone = tmp_path / "a-clone"
+    subprocess.run(["git", "clone", "-q", str(a), str(clone)], check=True)
+    ckpt = Path("checkpoints/teacher-0123456789abcdef.pt")
+
+    def target(root: Path, config: str) -> str:
+        return handoff.CheckpointMirror.from_env(root, config)._target(ckpt)
+
+    assert target(a, "cfg") == target(clone, "cfg")
+    assert target(a, "cfg") != target(b, "cfg")
+    assert target(a, "cfg") != target(a, "other cfg")
+    assert target(a, "cfg").startswith(str(tmp_path / "remote" / "gkd-checkpoints") + "/")
+    assert target(a, "cfg").endswith("/teacher-0123456789abcdef.pt")
+    monkeypatch.delenv(handoff.MIRROR_ENV)
+    assert handoff.CheckpointMirror.from_env(a, "cfg") is None
