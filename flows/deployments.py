@@ -11,6 +11,7 @@
 | gkd-sweep/weekly      | sweep         | cpu  | 04:00 Sundays: its points on the gpu pool |
 | gkd-sweep-point/gpu   | one sweep point | gpu | none: dispatched by the sweep (gpu_dispatch="deployment") |
 | gkd-promote/daily     | promote       | cpu  | 06:30 daily             |
+| gkd-tune/tune-fashion-mnist | tune    | cpu  | none: manual trigger (its trials in the worker's processes) |
 
 The scheduled deployments run one at a time each (a run that would overlap the previous one is cancelled,
 ``CANCEL_NEW``); each flow stops at its limit in the ``timeouts`` of the worker's params.yaml; a GPU stage or point past ``timeouts.gpu_stage`` is
@@ -42,6 +43,7 @@ from flows.pipeline import pipeline, stage_flow
 from flows.prefect_tasks import ensure_promotion_limit
 from flows.promote import promote
 from flows.sweep import sweep, sweep_point_flow
+from flows.tune import tune
 from tasks.cli import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,10 @@ def build_deployments(project_dir: Optional[str] = None) -> list[RunnerDeploymen
             name="weekly", cron="0 4 * * 0", work_pool_name="cpu", tags=["cpu"],
             parameters={"preset": "fashion-mnist", "gpu_dispatch": "deployment"},
             description="Arms x seeds comparison (a preset of sweeps.yaml).", **once, **common),
+        tune.to_deployment(
+            name="tune-fashion-mnist", work_pool_name="cpu", tags=["cpu"],
+            parameters={"preset": "fashion-mnist", "methods": ["kd", "gompertz_kd", "gompertz"], "trials": 20},
+            description="Optuna search on validation accuracy (manual trigger; resumes its studies).", **common),
         promote.to_deployment(
             name="daily", cron="30 6 * * *", work_pool_name="cpu", tags=["cpu"],
             description="Promote the challenger when it beats the champion.", **once, **common),

@@ -48,6 +48,7 @@ RETRIES: dict[str, Retry] = {
     "register": Retry(2, 10),
     "promote": Retry(2, 10),
     "sweep-point": Retry(1, 10),
+    "tune-trials": Retry(1, 10),  # a worker process of a search died: the retry adds only the missing trials
 }
 GPU_STAGES = frozenset({"train_teacher", "distill_student"})
 
@@ -147,3 +148,20 @@ def _sweep_point_logged(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 sweep_point_task = task(_sweep_point_logged, **_policy("sweep-point"))
+
+
+def _tune_trials(method: str, folder: str, parent_run_id: Optional[str], study_name: str, storage: str,
+                 n_trials: int, budget: int) -> int:
+    """Up to ``n_trials`` trials of one study in this worker process, never past the study's ``budget`` (so a
+    retried task adds only what is missing): tasks.tune.run_trials."""
+    from tasks import tune  # optuna: imported by the search only
+
+    global _worker_logging
+    if not _worker_logging and multiprocessing.parent_process() is not None:
+        configure_logging()
+        _worker_logging = True
+    return tune.run_trials(tune.TrialContext(method, Path(folder), parent_run_id), study_name, storage, n_trials,
+                           budget)
+
+
+tune_trials_task = task(_tune_trials, **_policy("tune-trials"))

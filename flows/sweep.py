@@ -55,7 +55,8 @@ SWEEP_POINT_DEPLOYMENT = "gkd-sweep-point/gpu"
 
 @flow(name="gkd-sweep-point")
 def sweep_point_flow(sweep_name: str, arm: str, seed: int, project_dir: Optional[str] = None,
-                     parent_run_id: Optional[str] = None, git_commit: Optional[str] = None) -> dict[str, Any]:
+                     parent_run_id: Optional[str] = None, git_commit: Optional[str] = None,
+                     arm_params: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """One sweep point on a GPU worker, in a checkout of its own at ``git_commit`` (``handoff.run_checkout``;
     without a commit, in the worker's checkout): the sweep's shared files (params, data, teacher) fetched from
     the exchange of this worker's own DVC remote (``<remote>/gkd-sweeps/<sweep_name>``, never a URL from the
@@ -66,10 +67,10 @@ def sweep_point_flow(sweep_name: str, arm: str, seed: int, project_dir: Optional
     flow_inputs.commit(git_commit)
     base = flow_inputs.project_dir(project_dir, from_deployment=deployment.id is not None)
     if git_commit is None:
-        return _point_in(base, sweep_name, arm, seed, parent_run_id)
+        return _point_in(base, sweep_name, arm, seed, parent_run_id, arm_params)
     with handoff.run_checkout(base, git_commit, f"point-{arm}-seed{seed}-{flow_run.id or 'local'}") as root:
         get_run_logger().info("run checkout %s at commit %s (from %s)", root, git_commit[:12], base)
-        return _point_in(root, sweep_name, arm, seed, parent_run_id)
+        return _point_in(root, sweep_name, arm, seed, parent_run_id, arm_params)
 
 
 def exchange_url(root: Path, sweep_name: str) -> str:
@@ -81,11 +82,12 @@ def exchange_url(root: Path, sweep_name: str) -> str:
     return f"{url.rstrip('/')}/gkd-sweeps/{sweep_name}"
 
 
-def _point_in(root: Path, sweep_name: str, arm: str, seed: int, parent_run_id: Optional[str]) -> dict[str, Any]:
+def _point_in(root: Path, sweep_name: str, arm: str, seed: int, parent_run_id: Optional[str],
+              arm_params: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     folder = root / SWEEP_DIR / sweep_name
     ex = handoff.Exchange(exchange_url(root, sweep_name))
     ex.get(folder, list(SHARED_FILES))
-    point = sweep_point(arm, seed, str(folder), parent_run_id)
+    point = sweep_point(arm, seed, str(folder), parent_run_id, arm_params=arm_params)
     ex.put(folder, point_reports(arm, seed))
     return point
 
@@ -93,12 +95,12 @@ def _point_in(root: Path, sweep_name: str, arm: str, seed: int, parent_run_id: O
 @task(name="sweep-point-on-gpu", **{k: v for k, v in stage_options("distill_student").items()
                                     if k not in ("name", "tags")})
 def dispatch_point(spec_name: str, arm: str, seed: int, exchange: str, folder: str, parent_run_id: Optional[str],
-                   git_commit: str) -> dict[str, Any]:
+                   git_commit: str, arm_params: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Run one point on the gpu pool and wait; its reports come back through the exchange."""
     limit = load_params_checked(Path(folder) / PARAMS_FILE, check_dataset=False).timeouts.gpu_stage
     run = run_on_gpu_pool(SWEEP_POINT_DEPLOYMENT, {
-        "sweep_name": spec_name, "arm": arm, "seed": seed, "parent_run_id": parent_run_id, "git_commit": git_commit},
-        limit, f"{arm}-seed{seed}")
+        "sweep_name": spec_name, "arm": arm, "seed": seed, "parent_run_id": parent_run_id, "git_commit": git_commit,
+        **({"arm_params": dict(arm_params)} if arm_params else {})}, limit, f"{arm}-seed{seed}")
     if not run.state or not run.state.is_completed():
         state = run.state.name if run.state else "without a state"
         raise StageFailed(f"{arm}-seed{seed}", f"sweep point {arm}-seed{seed} on the gpu pool ended {state}: "
@@ -128,10 +130,16 @@ def sweep(spec: Optional[SweepSpec] = None, project_dir: Optional[str] = None,
 
 def _sweep(root: Path, spec: SweepSpec, threads_per_worker: Optional[int], show_progress: bool,
            gpu_dispatch: str) -> dict[str, Any]:
+    # the points' stages run in the sweep's folder but log to the project's store (under this parent run); set
+    # before any point process starts, so they inherit it, and restored afterwards
+    with handoff.env_var("MLFLOW_TRACKING_URI", None if os.environ.get("MLFLOW_TRACKING_URI") else
+                         tracking.tracking_uri(root)):
+        return _sweep_points(root, spec, threads_per_worker, show_progress, gpu_dispatch)
+
+
+def _sweep_points(root: Path, spec: SweepSpec, threads_per_worker: Optional[int], show_progress: bool,
+                  gpu_dispatch: str) -> dict[str, Any]:
     log = get_run_logger()
-    # the points' stages run in the sweep's folder but log to the project's store (under this parent run);
-    # set before any point process starts, so they inherit it
-    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))
     params_file = write_sweep_params(root, spec)
     folder = sweep_root(root, spec)
     params = load_params_checked(params_file, check_dataset=False)
@@ -146,10 +154,12 @@ def _sweep(root: Path, spec: SweepSpec, threads_per_worker: Optional[int], show_
             exchange = exchange_url(root, spec.name)
             handoff.Exchange(exchange).put(folder, list(SHARED_FILES))
             commit = handoff.pinned_commit(root)
-            futures = [dispatch_point.submit(spec.name, arm, seed, exchange, str(folder), parent, commit)
+            futures = [dispatch_point.submit(spec.name, arm, seed, exchange, str(folder), parent, commit,
+                                             spec.arm_params.get(arm))
                        for arm in spec.arms for seed in spec.seeds]
         else:
-            futures = [sweep_point_task.submit(arm, seed, str(folder), parent, threads_per_worker)
+            futures = [sweep_point_task.submit(arm, seed, str(folder), parent, threads_per_worker,
+                                               arm_params=spec.arm_params.get(arm))
                        for arm in spec.arms for seed in spec.seeds]
         points = []
         with _progress(show_progress) as bar:
@@ -198,8 +208,11 @@ def _split(values: Optional[list[str]]) -> list[str]:
 
 
 def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], seeds: Optional[list[str]],
-               overrides: Optional[list[str]], name: Optional[str], reference: Optional[str]) -> SweepSpec:
-    """The sweep the command line asks for: a preset (``--methods``/``--seeds``/``-S`` refine it) or a custom one."""
+               overrides: Optional[list[str]], name: Optional[str], reference: Optional[str],
+               tuned: bool = False) -> SweepSpec:
+    """The sweep the command line asks for: a preset (``--methods``/``--seeds``/``-S`` refine it) or a custom one.
+    ``tuned`` adds an arm ``<method>-tuned`` per method of ``reports/tune/<preset>/tuned.yaml`` (flows.tune),
+    next to the arms at the defaults."""
     try:
         seed_list = [int(s) for s in _split(seeds)]
     except ValueError:
@@ -207,9 +220,22 @@ def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], 
     base = load_preset(root, preset) if preset else SweepSpec(name="custom", arms=DEFAULT_METHODS,
                                                                seeds=DEFAULT_SEEDS, reference="kd")
     arms = tuple(_split(methods)) or base.arms
+    arm_params: dict[str, dict[str, Any]] = {}
+    if tuned:
+        from tasks.tune import TUNE_DIR, read_tuned  # optuna: imported only for a tuned sweep
+
+        if not preset:
+            raise UserError("--tuned reads reports/tune/<preset>/tuned.yaml: name the --preset that was tuned")
+        for method, entry in read_tuned(root / TUNE_DIR / preset).items():
+            if not _split(methods) or method in arms:
+                arm_params[f"{method}-tuned"] = {**dict(entry["overrides"]), "method.name": method}
+        if not arm_params:
+            raise UserError(f"{root / TUNE_DIR / preset}: no tuned settings for the arms {list(arms)}")
+        arms = (*arms, *arm_params)
     reference = reference or (base.reference if base.reference in arms else None)
     return SweepSpec(name=name or base.name, arms=arms, seeds=tuple(seed_list) or base.seeds, reference=reference,
-                     params={**base.params, **parse_overrides(overrides)}, description=base.description)
+                     params={**base.params, **parse_overrides(overrides)}, description=base.description,
+                     arm_params=arm_params)
 
 
 def main(
@@ -222,6 +248,7 @@ def main(
     project_dir: Path = typer.Option(Path("."), help="the project folder (params.yaml, sweeps.yaml)"),
     workers: int = typer.Option(2, min=1, help="points run in parallel (processes)"),
     gpu_dispatch: str = typer.Option("local", help="local | deployment (points on the gpu work pool)"),
+    tuned: bool = typer.Option(False, help="add the settings flows.tune found: an arm <method>-tuned per method"),
 ) -> None:
     """Run a sweep of arms x seeds and print the comparison table."""
     flow_cli.install()
@@ -233,7 +260,7 @@ def main(
             raise UserError(f"{root / PARAMS_FILE}: not found (is {root} the project folder?)")
         if gpu_dispatch not in ("local", "deployment"):
             raise UserError(f"--gpu-dispatch must be local or deployment, got {gpu_dispatch!r}")
-        spec = build_spec(root, preset, methods, seeds, overrides, name, reference)
+        spec = build_spec(root, preset, methods, seeds, overrides, name, reference, tuned)
         write_sweep_params(root, spec)
         return spec
 

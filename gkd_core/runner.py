@@ -96,7 +96,7 @@ def _train(
     cache = rt.cache_teacher and teacher is not None and distiller.distill
     train_loader, val_loader, _ = make_loaders(
         data, net_cfg.train, rt.loader, device, seed=params.seed, num_workers=rt.num_workers, channels_last=use_cl,
-        with_index=cache, rank=rank, world_size=world,
+        with_index=cache, rank=rank, world_size=world, with_test=False,
     )
     if cache:
         assert teacher is not None

@@ -58,6 +58,8 @@ class SweepSpec:
     reference: Optional[str] = "kd"
     params: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    # arms that are not a method name (e.g. "kd-tuned"): their params overrides, method.name included
+    arm_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # the name and the arms become folders (reports/sweep/<name>/points/<arm>-seed<n>): never a path
@@ -109,7 +111,8 @@ def write_sweep_params(root: Path, spec: SweepSpec) -> Path:
         raise UserError(f"reference arm {spec.reference!r} is not among the arms {list(spec.arms)}")
     for arm in spec.arms:
         for seed in spec.seeds:
-            load_params_checked(target, {"method.name": arm, "seed": seed}, check_dataset=False)
+            load_params_checked(target, {**arm_overrides(arm, spec.arm_params.get(arm)), "seed": seed},
+                                check_dataset=False)
     load_params_checked(target)  # the dataset source too, once
     return target
 
@@ -168,8 +171,14 @@ def point_name(arm: str, seed: int) -> str:
     return f"{arm}-seed{seed}"
 
 
+def arm_overrides(arm: str, arm_params: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """An arm's params overrides: ``method.name=arm``, or the arm's own (a tuned arm names its method)."""
+    return {"method.name": arm, **dict(arm_params or {})}
+
+
 def sweep_point(arm: str, seed: int, folder: str, parent_run_id: Optional[str] = None,
-                threads: Optional[int] = None, points_dir: str = POINTS) -> dict[str, Any]:
+                threads: Optional[int] = None, points_dir: str = POINTS,
+                arm_params: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Distil and evaluate one student (``method.name=arm``, ``seed=seed``) with the data and teacher of
     ``folder`` (a sweep's folder, or the project for the pipeline's baselines), its outputs under
     ``<folder>/<points_dir>/<arm>-seed<n>/``; skipped when its reports already carry the fingerprint of these
@@ -179,9 +188,10 @@ def sweep_point(arm: str, seed: int, folder: str, parent_run_id: Optional[str] =
     name = point_name(arm, seed)
     paths = StagePaths(Path(folder), Path(points_dir) / name)
     params_file = Path(folder) / PARAMS_FILE
-    overrides = {"method.name": arm, "seed": seed}
+    overrides = {**arm_overrides(arm, arm_params), "seed": seed}
     fp = _fingerprint(params_file, ("dataset", "teacher", "student", "method", "losses", "runtime"),
-                      {"arm": arm, "seed": seed, "data": read_report(paths.root / DATA_REPORT).get("hash")})
+                      {"arm": arm, "seed": seed, "data": read_report(paths.root / DATA_REPORT).get("hash"),
+                       **({"arm_params": dict(arm_params)} if arm_params else {})})
     skipped = _done(paths.output(EVALUATE_REPORT), fp)
     if not skipped:
         distill_student(paths, PARAMS_FILE, overrides, parent_run_id, run_name=name)

@@ -364,8 +364,9 @@ def make_loaders(
     with_index: bool = False,
     rank: int = 0,
     world_size: int = 1,
-) -> tuple[Loader, Loader, Loader]:
-    """``(train, val, test)`` loaders. Train: shuffled, augmented per ``train_cfg`` (augment, crop_padding,
+    with_test: bool = True,
+) -> tuple[Loader, Loader, Optional[Loader]]:
+    """``(train, val, test)`` loaders (test None with ``with_test=False``: training never needs it). Train: shuffled, augmented per ``train_cfg`` (augment, crop_padding,
     hflip), ``drop_last`` when it holds at least one full batch, yielding ``(x, y, idx)`` with ``with_index``.
     Val/test: in order, not augmented, ``(x, y)``. With ``world_size > 1`` each yields ``rank``'s share
     (:class:`~gkd_core.distributed.Shard`: equal training batches of ``batch_size / world_size``, disjoint
@@ -387,6 +388,9 @@ def make_loaders(
         shard=shards[0], **common,
     )
     val = cls(data.val_x, data.val_y, shuffle=False, augment=False, drop_last=False, shard=shards[1], **common)
+    if not with_test:  # training: the test split stays untouched (not even moved to the device)
+        log.info("loaders: %s on %s, %d/%d batches (train/val)", kind, device, len(train), len(val))
+        return train, val, None
     test = cls(data.test_x, data.test_y, shuffle=False, augment=False, drop_last=False, shard=shards[1], **common)
     log.info("loaders: %s on %s, %d/%d/%d batches (train/val/test)", kind, device, len(train), len(val), len(test))
     return train, val, test

@@ -62,7 +62,7 @@ def test_dvc_yaml_and_flow_agree(pipeline_project: Path) -> None:
     # every section of params.yaml is some stage's dependency, except the ones only flows read
     listed = {p.split(".")[0] for st in stages.values() for p in st.get("params", [])}
     sections = set(yaml.safe_load((pipeline_project / "params.yaml").read_text()))
-    assert sections - listed == {"mlflow", "promote"}
+    assert sections - listed == {"mlflow", "promote", "timeouts"}  # read by flows, not by a stage
 
 
 def test_every_prefect_task_takes_its_retries_from_the_one_table() -> None:
@@ -74,7 +74,7 @@ def test_every_prefect_task_takes_its_retries_from_the_one_table() -> None:
     from flows.pipeline import STAGES, stage_task
 
     table = prefect_tasks.RETRIES
-    assert set(STAGES) | {"register", "promote", "sweep-point"} == set(table)
+    assert set(STAGES) | {"register", "promote", "sweep-point", "tune-trials"} == set(table)
     expected = {name: (r.retries, r.delay_seconds) for name, r in table.items()}
     # transient failures are retried (data I/O, long training that resumes, the registry); deterministic ones not
     assert expected["prepare_data"] == (2, 10) and expected["train_teacher"] == expected["distill_student"] == (2, 30)
@@ -83,7 +83,8 @@ def test_every_prefect_task_takes_its_retries_from_the_one_table() -> None:
         configured = stage_task.with_options(**prefect_tasks.stage_options(stage))
         assert configured.name == stage
         assert (configured.retries, configured.retry_delay_seconds) == expected[stage], stage
-    for wrapped in (prefect_tasks.register_task, prefect_tasks.promote_task, prefect_tasks.sweep_point_task):
+    for wrapped in (prefect_tasks.register_task, prefect_tasks.promote_task, prefect_tasks.sweep_point_task,
+                    prefect_tasks.tune_trials_task):
         assert (wrapped.retries, wrapped.retry_delay_seconds) == expected[wrapped.name], wrapped.name
     repo = Path(__file__).resolve().parents[2]
     for path in sorted((repo / "flows").glob("*.py")) + sorted((repo / "tasks").glob("*.py")):

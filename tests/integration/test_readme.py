@@ -114,6 +114,11 @@ NOT_RUN: dict[str, str] = {
         "against a real `prefect server start`",
     "prefect worker start --pool cpu": "a long-running worker; test_scheduling.py runs one against a real server",
     "prefect worker start --pool gpu": "a worker for the GPU pool (same command as the cpu one, another pool)",
+    "python -m flows.tune --preset fashion-mnist --methods kd gompertz_kd gompertz --trials 20 --workers 2":
+        "60 trainings on Fashion-MNIST; tests/integration/test_tune.py runs this command line on the digits-smoke "
+        "preset (3 trials, then resumed to 5, on 2 workers)",
+    "python -m flows.sweep --preset fashion-mnist --tuned":
+        "30 trainings on Fashion-MNIST after a search; test_tune.py runs `flows.sweep --preset digits-smoke --tuned`",
 }
 
 # cheap checks of what a command printed, by prefix (the dedicated tests check the rest)
