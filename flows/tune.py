@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +35,7 @@ from gkd_core.io import atomic_write
 from tasks import flow_inputs, handoff, project_lock, tracking
 from tasks import tune as tuning
 from tasks.cli import configure_logging
+from flows.sweep import expand_multi_values
 from tasks.sweep import SweepSpec, load_preset, shared_stages, sweep_root, write_sweep_params
 
 logger = logging.getLogger(__name__)
@@ -199,5 +201,10 @@ def main(
     logger.info("tuned settings in %s", result["files"]["tuned"])
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    sys.argv[1:] = expand_multi_values(sys.argv[1:], ("--methods",))  # `--methods a b c`, as README writes it
     typer.run(main)
+
+
+if __name__ == "__main__":
+    cli()

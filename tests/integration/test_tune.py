@@ -76,6 +76,9 @@ def test_the_tune_command_resumes_shares_and_feeds_the_sweep(clone_project, tmp_
     root: Path = clone_project()
     (root / "sweeps.yaml").write_text((REPO / "sweeps.yaml").read_text())
     cmd = [sys.executable, "-m", "flows.tune", "--preset", "digits-smoke", "--methods", "kd", "--workers", "2", *TINY]
+    listed = run([sys.executable, "-m", "flows.tune", "--preset", "digits-smoke", "--methods", "kd", "none",
+                  "--trials", "0"], root, check=False)  # README's `--methods a b c` form parses (then 0 is refused)
+    assert listed.returncode == 2 and "--trials" in listed.stderr and "Got unexpected extra" not in listed.stderr
     first = run([*cmd, "--trials", "3"], root, timeout=900)
     storage = f"sqlite:///{root / 'optuna.db'}"
     study = optuna.load_study(study_name="tune-digits-smoke-kd", storage=storage)
