@@ -38,9 +38,8 @@ from flows.prefect_tasks import (
 )
 from gkd_core.cli_support import UserError, load_params_checked, run_cli
 from gkd_core.methods import METHODS
-from tasks import dvc_ops, handoff, tracking
+from tasks import dvc_ops, flow_inputs, handoff, project_lock, tracking
 from tasks.dvc_ops import StageFailed
-from tasks import flow_inputs, project_lock
 from tasks.cli import configure_logging
 from tasks.paths import EVALUATE_REPORT, ONNX, PARAMS_FILE, TEACHER_REPORT, StagePaths
 from tasks.reports import read_report

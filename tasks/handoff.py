@@ -122,7 +122,7 @@ def run_checkout(base: Path, commit: str, name: str) -> Iterator[Path]:
     """A checkout for one flow run: ``base`` (the worker's checkout) cloned at ``commit`` into a new folder of
     :func:`runs_dir`, sharing ``base``'s DVC cache and, when no ``MLFLOW_TRACKING_URI`` is set, its tracking
     store; removed when the run ends, whatever its outcome (resume state lives in the checkpoint mirror).
-    ``base`` itself is never written, except for fetching a commit it lacks."""
+    In ``base`` only its DVC cache and (for a commit it lacks) its git objects change."""
     check_commit(commit)
     if not (base / ".git").exists():
         raise UserError(f"{base}: the worker's checkout ({PROJECT_DIR_ENV}) is not a git checkout of the project")
