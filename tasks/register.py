@@ -136,10 +136,10 @@ def register(
     evaluation = read_report(paths.input(EVALUATE_REPORT))
     export = read_report(paths.input(EXPORT_REPORT))
     training = read_report(paths.input(STUDENT_REPORT)) if paths.input(STUDENT_REPORT).is_file() else {}
-    check_reports_describe(paths.input(STUDENT), {EVALUATE_REPORT: evaluation, EXPORT_REPORT: export})
     data = load_prepared_checked(paths.input(PREPARED))
     student, meta = load_model_checked(paths.input(STUDENT), "student", "distill_student", data,
-                                       params.student.model, "student.model")
+                                       params.student.model, "student.model")  # a hostile file is named so first
+    check_reports_describe(paths.input(STUDENT), {EVALUATE_REPORT: evaluation, EXPORT_REPORT: export})
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in logs
     name = params.mlflow.registered_model_name
