@@ -136,14 +136,19 @@ promote_task = task(promote_serialised, **_policy("promote"))
 _worker_logging = False
 
 
-@functools.wraps(sweep_point)
-def _sweep_point_logged(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """:func:`sweep_point` with the command line's log format: a ProcessPoolTaskRunner worker is a fresh
-    process whose root logger Prefect set to WARNING, so a point's epoch lines would go nowhere."""
+def _log_like_the_command_line() -> None:
+    """The command line's log format in a ProcessPoolTaskRunner worker: a fresh process whose root logger
+    Prefect set to WARNING, so a point's or a trial's epoch lines would go nowhere (once per process)."""
     global _worker_logging
     if not _worker_logging and multiprocessing.parent_process() is not None:
         configure_logging()
         _worker_logging = True
+
+
+@functools.wraps(sweep_point)
+def _sweep_point_logged(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`sweep_point`, logged as on the command line."""
+    _log_like_the_command_line()
     return sweep_point(*args, **kwargs)
 
 
@@ -153,13 +158,10 @@ sweep_point_task = task(_sweep_point_logged, **_policy("sweep-point"))
 def _tune_trials(method: str, folder: str, parent_run_id: Optional[str], study_name: str, storage: str,
                  n_trials: int, budget: int) -> int:
     """Up to ``n_trials`` trials of one study in this worker process, never past the study's ``budget`` (so a
-    retried task adds only what is missing): tasks.tune.run_trials."""
+    retried task adds only what is missing): tasks.tune.run_trials, logged as on the command line."""
     from tasks import tune  # optuna: imported by the search only
 
-    global _worker_logging
-    if not _worker_logging and multiprocessing.parent_process() is not None:
-        configure_logging()
-        _worker_logging = True
+    _log_like_the_command_line()
     return tune.run_trials(tune.TrialContext(method, Path(folder), parent_run_id), study_name, storage, n_trials,
                            budget)
 

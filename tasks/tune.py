@@ -39,6 +39,8 @@ TUNE_DIR = "reports/tune"
 TUNED_FILE = "tuned.yaml"  # reports/tune/<preset>/tuned.yaml: the best overrides per method
 STORAGE_FILE = "optuna.db"
 OBJECTIVE = "best_val_accuracy"
+# trials that used their share of a study's budget (a running one has not yet)
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 Space = Callable[[optuna.Trial], dict[str, Any]]
 
@@ -113,8 +115,7 @@ def open_study(name: str, storage: str, seed: int = 0, pruner: Optional[optuna.p
 
 def finished(study: optuna.Study) -> int:
     """Trials that used their budget: complete, pruned or failed (a running one is not counted)."""
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=done))
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 @dataclass
@@ -179,9 +180,8 @@ def run_trials(ctx: TrialContext, study_name: str, storage: str, n_trials: int, 
                 run.set_tags({"optuna.state": state})
                 client.set_terminated(run.run_id, "FINISHED" if state != "failed" else "FAILED")
 
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     study.optimize(objective, n_trials=n_trials, catch=(NonFiniteLossError,),  # a diverged trial: FAIL, go on
-                   callbacks=[optuna.study.MaxTrialsCallback(budget, states=done)])
+                   callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED)])
     return ran
 
 
