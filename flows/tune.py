@@ -146,8 +146,8 @@ def _one_study(root: Path, folder: Path, out: Path, preset: str, method: str, pa
         "gkd.flow": "tune", "optuna.study": name, "method": method, "preset": preset})
     status = "FAILED"
     try:
-        futures = [tune_trials_task.submit(method, str(folder), parent, name, storage, share, trials)
-                   for share in plan(remaining, workers)]
+        futures = [tune_trials_task.submit(method, str(folder), parent, name, storage, share, trials, worker)
+                   for worker, share in enumerate(plan(remaining, workers))]
         for future in futures:
             future.result()
         study = tuning.open_study(name, storage)

@@ -15,8 +15,10 @@ same number of trials and the same epochs (equal budgets).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -113,6 +115,15 @@ def open_study(name: str, storage: str, seed: int = 0, pruner: Optional[optuna.p
                                pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
 
 
+def sampler_seed(study_name: str, trials_so_far: int, worker: int = 0) -> int:
+    """The sampler's seed for a worker joining a study: different for every worker of a search (its index and
+    machine) and for every resumption (the trials already in the study), so no two workers, and no resumed
+    search, draw the same random settings again (TPE's first trials are random draws from the seed); the same
+    for the same state, so a one-worker search repeats."""
+    blob = f"{study_name}/{socket.gethostname()}/{worker}/{trials_so_far}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big")
+
+
 def finished(study: optuna.Study) -> int:
     """Trials that used their budget: complete, pruned or failed (a running one is not counted)."""
     return len(study.get_trials(deepcopy=False, states=FINISHED))
@@ -128,10 +139,11 @@ class TrialContext:
     pruner: Optional[optuna.pruners.BasePruner] = None  # default: open_study's median pruner
 
 
-def run_trials(ctx: TrialContext, study_name: str, storage: str, n_trials: int, budget: int) -> int:
-    """Run up to ``n_trials`` trials of ``study_name`` in this process, stopping once the study has ``budget``
-    finished trials (see :func:`finished`); returns how many this process ran."""
+def run_trials(ctx: TrialContext, study_name: str, storage: str, n_trials: int, budget: int, worker: int = 0) -> int:
+    """Run up to ``n_trials`` trials of ``study_name`` in this process (worker number ``worker`` of the search),
+    stopping once the study has ``budget`` finished trials (see :func:`finished`); returns how many it ran."""
     study = open_study(study_name, storage, pruner=ctx.pruner)
+    study = open_study(study_name, storage, seed=sampler_seed(study_name, len(study.trials), worker), pruner=ctx.pruner)
     if finished(study) >= budget:
         return 0
     paths = StagePaths(ctx.folder)
