@@ -9,7 +9,9 @@ A preset names its arms, seeds, reference arm and params overrides; without one,
 The data and the teacher are prepared once in ``reports/sweep/<name>/``, then the points run as parallel
 Prefect tasks in processes of their own (``--workers``), each logged to MLflow under one parent run. Finished
 points are skipped when the sweep is run again (after an interruption, or with more seeds); a progress bar
-counts the points. The comparison lands in ``reports/sweep/<name>/comparison.{md,json,png}``.
+counts the points. The comparison lands in ``reports/sweep/<name>/comparison.{md,json,png}`` and, for a preset
+(``--publish NAME`` for any sweep, ``--no-publish`` to skip), in the committed ``docs/results/<preset>/`` with a
+summary per point (``points/<arm>-seed<n>.json``: metrics, validation curve, loss terms, fingerprint).
 
 Why tasks rather than ``dvc exp run``: every point shares one teacher (an experiment per seed would retrain
 it), points run in parallel without a git commit per experiment, and each is a retryable task in the flow.
@@ -40,7 +42,7 @@ from tasks.cli import configure_logging
 from tasks.dvc_ops import StageFailed
 from tasks.paths import PARAMS_FILE, StagePaths
 from tasks.sweep import (
-    POINTS, SHARED_FILES, SWEEP_DIR, SweepSpec, compare, load_preset, point_figures, point_reports, shared_stages,
+    POINTS, RESULTS_DIR, SHARED_FILES, SWEEP_DIR, SweepSpec, compare, load_preset, point_figures, point_reports, shared_stages,
     sweep_point, sweep_root, write_comparison, write_sweep_params,
 )
 
@@ -112,12 +114,16 @@ def dispatch_point(spec_name: str, arm: str, seed: int, exchange: str, folder: s
 @flow(name="gkd-sweep", task_runner=ProcessPoolTaskRunner(max_workers=2), timeout_seconds=flow_inputs.flow_timeout("sweep"))
 def sweep(spec: Optional[SweepSpec] = None, project_dir: Optional[str] = None,
           threads_per_worker: Optional[int] = None, show_progress: bool = False,
-          preset: Optional[str] = None, gpu_dispatch: str = "local") -> dict[str, Any]:
+          preset: Optional[str] = None, gpu_dispatch: str = "local", publish: Optional[str] = None) -> dict[str, Any]:
     """Run the sweep ``spec`` (or the preset ``preset``); returns ``{"parent_run_id", "points", "files",
     "table"}``. Use ``sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))`` for another
     parallelism. ``gpu_dispatch="deployment"`` runs every point on the gpu pool (``gkd-sweep-point/gpu``): the
-    shared data and teacher travel through ``<DVC remote>/gkd-sweeps/<name>/``, the points' reports back."""
+    shared data and teacher travel through ``<DVC remote>/gkd-sweeps/<name>/``, the points' reports back.
+    ``publish`` (a name) also writes the comparison and the points' summaries to ``docs/results/<publish>/``,
+    the committed copy docs/results.md is generated from (tasks/results_doc.py)."""
     flow_inputs.one_of(gpu_dispatch, ("local", "deployment"), "gpu_dispatch")
+    if publish is not None:
+        flow_inputs.name(publish, "publish")
     root = flow_inputs.project_dir(project_dir, from_deployment=deployment.id is not None)
     if spec is None:
         if not preset:
@@ -125,20 +131,21 @@ def sweep(spec: Optional[SweepSpec] = None, project_dir: Optional[str] = None,
         spec = load_preset(root, flow_inputs.name(preset, "preset"))
     # one sweep per folder: a second one of the same name would rewrite the first's params and teacher
     with project_lock.one_writer(sweep_root(root, spec), f"sweep {spec.name} flow run {flow_run.get_name() or 'local'}"):
-        return _sweep(root, spec, threads_per_worker, show_progress, gpu_dispatch)
+        return _sweep(root, spec, threads_per_worker, show_progress, gpu_dispatch,
+                      root / RESULTS_DIR / publish if publish else None)
 
 
 def _sweep(root: Path, spec: SweepSpec, threads_per_worker: Optional[int], show_progress: bool,
-           gpu_dispatch: str) -> dict[str, Any]:
+           gpu_dispatch: str, publish: Optional[Path]) -> dict[str, Any]:
     # the points' stages run in the sweep's folder but log to the project's store (under this parent run); set
     # before any point process starts, so they inherit it, and restored afterwards
     with handoff.env_var("MLFLOW_TRACKING_URI", None if os.environ.get("MLFLOW_TRACKING_URI") else
                          tracking.tracking_uri(root)):
-        return _sweep_points(root, spec, threads_per_worker, show_progress, gpu_dispatch)
+        return _sweep_points(root, spec, threads_per_worker, show_progress, gpu_dispatch, publish)
 
 
 def _sweep_points(root: Path, spec: SweepSpec, threads_per_worker: Optional[int], show_progress: bool,
-                  gpu_dispatch: str) -> dict[str, Any]:
+                  gpu_dispatch: str, publish: Optional[Path]) -> dict[str, Any]:
     log = get_run_logger()
     params_file = write_sweep_params(root, spec)
     folder = sweep_root(root, spec)
@@ -171,7 +178,7 @@ def _sweep_points(root: Path, spec: SweepSpec, threads_per_worker: Optional[int]
                 log.info("point %s-seed%d: test %.4f%s", point["arm"], point["seed"], point["test_accuracy"],
                          " (already done)" if point["skipped"] else "")
         table = compare(points, spec)
-        files = write_comparison(table, folder)
+        files = write_comparison(table, folder, publish)
         run = tracking.StageRun(tracking.get_client(root), parent, root)
         for path in files.values():
             run.log_artifact(path, "sweep")
@@ -233,9 +240,13 @@ def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], 
             raise UserError(f"{root / TUNE_DIR / preset}: no tuned settings for the arms {list(arms)}")
         arms = (*arms, *arm_params)
     reference = reference or (base.reference if base.reference in arms else None)
+    # a tuned arm against its own defaults, and the primary comparison again between tuned arms (exploratory)
+    tuned_pairs = [(a, a.removesuffix("-tuned")) for a in arm_params if a.removesuffix("-tuned") in arms]
+    if base.primary and all(f"{m}-tuned" in arm_params for m in base.primary):
+        tuned_pairs.append((f"{base.primary[0]}-tuned", f"{base.primary[1]}-tuned"))
     return SweepSpec(name=name or base.name, arms=arms, seeds=tuple(seed_list) or base.seeds, reference=reference,
                      params={**base.params, **parse_overrides(overrides)}, description=base.description,
-                     arm_params=arm_params)
+                     arm_params=arm_params, contrasts=(*base.contrasts, *tuned_pairs), primary=base.primary)
 
 
 def main(
@@ -249,6 +260,9 @@ def main(
     workers: int = typer.Option(2, min=1, help="points run in parallel (processes)"),
     gpu_dispatch: str = typer.Option("local", help="local | deployment (points on the gpu work pool)"),
     tuned: bool = typer.Option(False, help="add the settings flows.tune found: an arm <method>-tuned per method"),
+    publish: Optional[str] = typer.Option(None, help="also write the comparison to docs/results/<name>/ (default: "
+                                          "the preset's name, -tuned added with --tuned; none for a custom sweep)"),
+    no_publish: bool = typer.Option(False, "--no-publish", help="write the comparison under reports/sweep only"),
 ) -> None:
     """Run a sweep of arms x seeds and print the comparison table."""
     flow_cli.install()
@@ -265,9 +279,10 @@ def main(
         return spec
 
     spec = run_cli(checked, report=logger.error)
+    published = None if no_publish else (publish or (f"{preset}-tuned" if tuned else preset) if preset else publish)
     threads = max(1, (os.cpu_count() or 1) // workers)
     result = flow_cli.run_flow(lambda: sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
-        spec, str(root), threads, show_progress=True, gpu_dispatch=gpu_dispatch), "sweep")
+        spec, str(root), threads, show_progress=True, gpu_dispatch=gpu_dispatch, publish=published), "sweep")
     Console().print(Markdown(Path(result["files"]["md"]).read_text()))
 
 

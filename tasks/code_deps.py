@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
 import re
 import sys
 from pathlib import Path
@@ -115,6 +116,20 @@ def render_deps(root: Path, files: Iterable[Path]) -> list[str]:
 def code_deps(root: Path, module: str) -> list[str]:
     """The code deps of a stage that runs ``python -m module``."""
     return render_deps(root, module_closure(root, module).values())
+
+
+def code_hash(modules: Iterable[str], root: Path = ROOT) -> str:
+    """A hash of the source of every project file that running ``python -m <module>`` for each of ``modules``
+    can load (the files dvc.yaml lists as those stages' code deps): what an output computed by that code
+    depends on besides its params and data. 16 hex digits of sha256 over (relative path, content) pairs."""
+    files: dict[str, Path] = {}
+    for module in modules:
+        files.update({path.resolve().relative_to(root.resolve()).as_posix(): path
+                      for path in module_closure(root, module).values()})
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(rel.encode() + b"\0" + files[rel].read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def stage_modules(root: Path) -> dict[str, str]:

@@ -14,6 +14,7 @@ seeds) with a 95% t-interval; the PNG shows every seed's value with the arms' me
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -35,11 +36,14 @@ from gkd_core.config import apply_overrides
 from gkd_core.io import atomic_write, write_json
 from gkd_core.plots import plot_comparison
 from tasks import flow_inputs
+from tasks.code_deps import code_hash
 from tasks.distill_student import distill_student
 from tasks.evaluate import evaluate
-from tasks.paths import DATA_REPORT, EVALUATE_REPORT, PARAMS_FILE, STUDENT_REPORT, TEACHER_REPORT, StagePaths
+from tasks.paths import (
+    DATA_REPORT, EVALUATE_REPORT, PARAMS_FILE, STUDENT_HISTORY, STUDENT_REPORT, TEACHER_REPORT, StagePaths,
+)
 from tasks.prepare_data import prepare_data
-from tasks.reports import info_path, read_json, read_report
+from tasks.reports import info_path, read_history_csv, read_json, read_report
 from tasks.train_teacher import train_teacher
 
 logger = logging.getLogger(__name__)
@@ -60,11 +64,22 @@ class SweepSpec:
     description: str = ""
     # arms that are not a method name (e.g. "kd-tuned"): their params overrides, method.name included
     arm_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # pairs (a, b) of arms whose paired difference a - b the comparison reports besides ``arm - reference``
+    contrasts: tuple[tuple[str, str], ...] = ()
+    # the one comparison declared before the sweep ran (a, b); every other difference is exploratory
+    primary: Optional[tuple[str, str]] = None
 
     def __post_init__(self) -> None:
         # the name and the arms become folders (reports/sweep/<name>/points/<arm>-seed<n>): never a path
         flow_inputs.name(self.name, "sweep name")
         flow_inputs.names(self.arms, "arm")
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """The pairs a comparison reports, in order: the primary, then the declared contrasts, whose two arms
+        both ran (a contrast naming an arm outside ``arms`` is left out, e.g. under ``--methods``)."""
+        pairs = [p for p in ((self.primary,) if self.primary else ()) + self.contrasts
+                 if p[0] in self.arms and p[1] in self.arms]
+        return list(dict.fromkeys(pairs))
 
 
 def load_preset(root: Path, name: str) -> SweepSpec:
@@ -79,9 +94,23 @@ def load_preset(root: Path, name: str) -> SweepSpec:
     missing = [k for k in ("arms", "seeds") if not p.get(k)]
     if missing:
         raise UserError(f"{path}: preset {name!r} lacks {', '.join(missing)}")
-    return SweepSpec(name=name, arms=tuple(p["arms"]), seeds=tuple(int(s) for s in p["seeds"]),
+    arms = tuple(p["arms"])
+    return SweepSpec(name=name, arms=arms, seeds=tuple(int(s) for s in p["seeds"]),
                      reference=p.get("reference"), params=dict(p.get("params") or {}),
-                     description=str(p.get("description", "")))
+                     description=str(p.get("description", "")),
+                     contrasts=tuple(_pair(c, arms, f"{path}: preset {name!r} contrasts") for c in p.get("contrasts") or ()),
+                     primary=_pair(p["primary"], arms, f"{path}: preset {name!r} primary") if p.get("primary") else None)
+
+
+def _pair(value: Any, arms: Sequence[str], where: str) -> tuple[str, str]:
+    """``[a, b]``: two different arms of the preset, or UserError naming ``where``."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, str) for v in value)
+            and value[0] != value[1]):
+        raise UserError(f"{where}: expected a pair of two different arm names [a, b], got {value!r}")
+    unknown = [v for v in value if v not in arms]
+    if unknown:
+        raise UserError(f"{where}: {unknown} not among the preset's arms {list(arms)}")
+    return (value[0], value[1])
 
 
 def merged(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,6 +175,16 @@ def _stamp(report: Path, fingerprint: str) -> None:
 
 
 TEACHER_RUNTIME = ("runtime.device", "runtime.amp", "runtime.deterministic", "runtime.channels_last")
+# the modules whose code an output depends on (their import closure: the stage's code deps in dvc.yaml)
+DATA_CODE = ("tasks.prepare_data",)
+TEACHER_CODE = ("tasks.train_teacher",)
+POINT_CODE = ("tasks.distill_student", "tasks.evaluate")
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(modules: tuple[str, ...]) -> str:
+    """The hash of the code that ``modules`` run (tasks.code_deps.code_hash), once per process."""
+    return code_hash(modules)
 
 
 def shared_stages(root: Path, spec: SweepSpec, parent_run_id: Optional[str] = None) -> dict[str, Any]:
@@ -153,8 +192,9 @@ def shared_stages(root: Path, spec: SweepSpec, parent_run_id: Optional[str] = No
     folder = sweep_root(root, spec)
     params_file = folder / PARAMS_FILE
     paths = StagePaths(folder)
-    data_fp = _fingerprint(params_file, ("seed", "dataset"), {})
-    teacher_fp = _fingerprint(params_file, ("seed", "dataset", "teacher", *TEACHER_RUNTIME), {})
+    data_fp = _fingerprint(params_file, ("seed", "dataset"), {"code": code_fingerprint(DATA_CODE)})
+    teacher_fp = _fingerprint(params_file, ("seed", "dataset", "teacher", *TEACHER_RUNTIME),
+                              {"code": code_fingerprint(TEACHER_CODE), "data": data_fp})
     done = {"prepare_data": _done(paths.output(DATA_REPORT), data_fp),
             "train_teacher": _done(paths.output(TEACHER_REPORT), teacher_fp)}
     if not done["prepare_data"]:
@@ -189,9 +229,7 @@ def sweep_point(arm: str, seed: int, folder: str, parent_run_id: Optional[str] =
     paths = StagePaths(Path(folder), Path(points_dir) / name)
     params_file = Path(folder) / PARAMS_FILE
     overrides = {**arm_overrides(arm, arm_params), "seed": seed}
-    fp = _fingerprint(params_file, ("dataset", "teacher", "student", "method", "losses", "runtime"),
-                      {"arm": arm, "seed": seed, "data": read_report(paths.root / DATA_REPORT).get("hash"),
-                       **({"arm_params": dict(arm_params)} if arm_params else {})})
+    fp = point_fingerprint(params_file, paths.root, arm, seed, arm_params)
     skipped = _done(paths.output(EVALUATE_REPORT), fp)
     if not skipped:
         distill_student(paths, PARAMS_FILE, overrides, parent_run_id, run_name=name)
@@ -200,26 +238,54 @@ def sweep_point(arm: str, seed: int, folder: str, parent_run_id: Optional[str] =
     return point_figures(arm, seed, paths, skipped)
 
 
+def point_fingerprint(params_file: Path, folder: Path, arm: str, seed: int,
+                      arm_params: Optional[Mapping[str, Any]] = None) -> str:
+    """What a point's outputs depend on: the params, the arm and seed, the data's hash, the teacher's own
+    fingerprint (its params and code) and the code of distill_student + evaluate."""
+    teacher_info = info_path(folder / TEACHER_REPORT)
+    return _fingerprint(params_file, ("dataset", "teacher", "student", "method", "losses", "runtime"),
+                        {"arm": arm, "seed": seed, "data": read_report(folder / DATA_REPORT).get("hash"),
+                         "teacher": (read_json(teacher_info) if teacher_info.is_file() else {}).get("sweep_fingerprint"),
+                         "code": code_fingerprint(POINT_CODE),
+                         **({"arm_params": dict(arm_params)} if arm_params else {})})
+
+
 SHARED_FILES = (PARAMS_FILE, "data/prepared.pt", "models/teacher.pt",
                 *(rel for report in (DATA_REPORT, TEACHER_REPORT) for rel in (report, info_path(report).as_posix())))
 
 
 def point_reports(arm: str, seed: int, points_dir: str = POINTS) -> list[str]:
     """A point's report files, relative to its sweep folder (what travels back from a GPU worker)."""
-    return [f"{points_dir}/{point_name(arm, seed)}/{rel}" for report in (STUDENT_REPORT, EVALUATE_REPORT)
-            for rel in (report, info_path(report).as_posix())]
+    return [f"{points_dir}/{point_name(arm, seed)}/{rel}" for rel in
+            (*(r for report in (STUDENT_REPORT, EVALUATE_REPORT) for r in (report, info_path(report).as_posix())),
+             STUDENT_HISTORY)]
+
+
+TERM_COLUMNS = {"ce": "train_ce", "kd": "train_kd", "wasserstein": "train_wasserstein",
+                "grad_match": "train_grad_match", "weight": "weight"}
 
 
 def point_figures(arm: str, seed: int, paths: StagePaths, skipped: bool) -> dict[str, Any]:
-    """The figures the comparison reads, from a point's reports."""
+    """A point's summary, from its reports and training history: final and best-validation-epoch metrics,
+    the per-epoch validation curve, the per-epoch mean of every loss term and of the distillation weight
+    (unweighted: the objective adds ``weight * term``), the objective and the fingerprint it was made for."""
     train, ev = read_report(paths.output(STUDENT_REPORT)), read_report(paths.output(EVALUATE_REPORT))
+    ev_info = info_path(paths.output(EVALUATE_REPORT))
+    history_file = paths.output(STUDENT_HISTORY)
+    history = read_history_csv(history_file) if history_file.is_file() else []
     return {
         "arm": arm, "seed": seed, "dir": str(paths.out_dir), "skipped": skipped,
         "objective": train.get("objective"),
         "test_accuracy": ev.get("test_accuracy"), "best_val_test_accuracy": train.get("best_val_test_accuracy"),
         "best_val_epoch": train.get("best_val_epoch"), "best_val_accuracy": train.get("best_val_accuracy"),
+        "final_val_accuracy": train.get("final_val_accuracy"), "epochs": train.get("epochs"),
         "agreement": ev.get("agreement"), "test_ece": ev.get("test_ece"), "test_nll": ev.get("test_nll"),
         "train_seconds": train.get("train_seconds"), "device": train.get("device"),
+        "val_curve": [row.get("val_accuracy") for row in history],
+        "terms": {term: [row.get(column) for row in history] for term, column in TERM_COLUMNS.items()
+                  if any(row.get(column) for row in history)},
+        "fingerprint": (read_json(ev_info) if ev_info.is_file() else {}).get("sweep_fingerprint"),
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -241,10 +307,14 @@ def _stat(values: Sequence[float]) -> dict[str, Any]:
 def paired_difference(arm: Sequence[dict[str, Any]], ref: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
     """``arm - ref`` per shared seed: mean, std and the 95% t-interval of the mean (n - 1 degrees of freedom)."""
     by_seed = {p["seed"]: p.get(metric) for p in ref}
-    diffs = [float(p[metric]) - float(by_seed[p["seed"]]) for p in arm
-             if p.get(metric) is not None and by_seed.get(p["seed"]) is not None]
+    paired = [p for p in arm if p.get(metric) is not None and by_seed.get(p["seed"]) is not None]
+    diffs = [float(p[metric]) - float(by_seed[p["seed"]]) for p in paired]
     out = _stat(diffs)
     out["n"] = len(diffs)
+    out["seeds"] = [p["seed"] for p in paired]
+    # seeds with a value on one side only: left out of the difference, and said so
+    out["unmatched"] = sorted({p["seed"] for p in arm if p.get(metric) is not None} ^
+                              {s for s, v in by_seed.items() if v is not None})
     if len(diffs) > 1:
         half = float(stats.t.ppf(0.975, len(diffs) - 1)) * out["std"] / math.sqrt(len(diffs))
         out["ci95"] = [out["mean"] - half, out["mean"] + half]
@@ -254,28 +324,62 @@ def paired_difference(arm: Sequence[dict[str, Any]], ref: Sequence[dict[str, Any
 
 
 def compare(points: Sequence[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
-    """The comparison of :func:`sweep_point` results (see the module docstring)."""
+    """The comparison of :func:`sweep_point` results (see the module docstring): per arm its statistics, the
+    paired difference against the reference, the mean loss terms; the declared contrasts, each labelled
+    ``primary`` (the one comparison declared beforehand, ``spec.primary``) or ``exploratory``."""
     rows = []
     ref = [p for p in points if p["arm"] == spec.reference]
+    by_arm = {arm: sorted((p for p in points if p["arm"] == arm), key=lambda p: p["seed"]) for arm in spec.arms}
     for arm in spec.arms:
-        mine = sorted((p for p in points if p["arm"] == arm), key=lambda p: p["seed"])
+        mine = by_arm[arm]
         row: dict[str, Any] = {"arm": arm, "n": len(mine), "seeds": [p["seed"] for p in mine],
-                               "objective": next((p.get("objective") for p in mine if p.get("objective")), None)}
+                               "objective": next((p.get("objective") for p in mine if p.get("objective")), None),
+                               "terms": _mean_terms(mine)}
         for metric in METRICS:
             row[metric] = _stat([p.get(metric) for p in mine])
         if spec.reference is not None and arm != spec.reference:
             row["vs_reference"] = {m: paired_difference(mine, ref, m)
                                    for m in ("test_accuracy", "best_val_test_accuracy")}
+            row["comparison"] = "primary" if spec.primary == (arm, spec.reference) else "exploratory"
         rows.append(row)
+    contrasts = [{"a": a, "b": b, "label": "primary" if spec.primary == (a, b) else "exploratory",
+                  **{m: paired_difference(by_arm[a], by_arm[b], m) for m in ("test_accuracy", "best_val_test_accuracy")}}
+                 for a, b in spec.comparisons()]
     return {"sweep": spec.name, "description": spec.description, "reference": spec.reference, "arms": rows,
+            "contrasts": contrasts, "primary": list(spec.primary) if spec.primary else None,
             "points": list(points), "params_overrides": dict(spec.params), "hardware": hardware(points),
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def _mean_terms(points: Sequence[Mapping[str, Any]]) -> dict[str, Optional[float]]:
+    """Per term (and the weight): the mean over seeds of its mean over epochs."""
+    out: dict[str, Optional[float]] = {}
+    for term in TERM_COLUMNS:
+        per_point = [statistics.fmean(v) for p in points if (v := _finite((p.get("terms") or {}).get(term) or []))]
+        out[term] = statistics.fmean(per_point) if per_point else None
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware(points: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Where a comparison ran: CPU model and the instruction set PyTorch's CPU kernels use (results repeat bit
+    for bit on the same CPU type and thread count only: docs/results.md), threads, GPU, versions."""
     devices = sorted({str(p.get("device")) for p in points if p.get("device")})
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+    threads = sorted({int(p["torch_threads"]) for p in points if p.get("torch_threads")})
+    return {"cpu": platform.machine(), "cpu_model": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": ", ".join(map(str, threads)) or str(torch.get_num_threads()),
             "logical_cpus": os.cpu_count(), "gpu": gpu, "devices": devices,
             "torch": torch.__version__, "python": platform.python_version()}
 
@@ -292,38 +396,100 @@ def _diff(d: Optional[Mapping[str, Any]]) -> str:
     return f"{d['mean'] * 100:+.2f}{interval}"
 
 
-def comparison_markdown(table: Mapping[str, Any]) -> str:
+def _points(d: Optional[Mapping[str, Any]]) -> str:
+    return "-" if not d or not d.get("values") else ", ".join(f"{v * 100:+.2f}" for v in d["values"])
+
+
+def _num(value: Optional[float], digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def comparison_markdown(table: Mapping[str, Any], heading: bool = True) -> str:
+    """The comparison as markdown: the arms' table, the contrasts, the mean loss terms, the objectives and the
+    hardware. ``heading=False`` leaves out the title and description (docs/results.md embeds the rest)."""
     ref = table["reference"]
-    lines = [
-        f"# Sweep `{table['sweep']}`",
-        "",
-        table.get("description") or "",
-        "",
-        f"Mean ± std over seeds. Δ: paired difference against `{ref}` in points (same seeds), with its 95% "
-        "t-interval; an interval that contains 0 is not a difference at this number of seeds.",
+    lines = [f"# Sweep `{table['sweep']}`", "", table.get("description") or "", ""] if heading else []
+    primary = table.get("primary")
+    lines += [
+        f"Mean ± std over seeds. Δ: paired difference against `{ref}` in points over the seeds both arms ran "
+        "(paired n), with its 95% t-interval; an interval that contains 0 is not a difference at this number of "
+        "seeds. " + (f"The pre-declared primary comparison is `{primary[0]}` vs `{primary[1]}`; every other "
+                     "difference is exploratory (no correction for multiple comparisons)."
+                     if primary else "No primary comparison was declared: every difference is exploratory."),
         "",
         "| arm | seeds | test top-1 (final) | test top-1 (best val epoch) | Δ final vs " + f"`{ref}`" +
-        " | Δ best-val vs " + f"`{ref}`" + " | agreement | ECE | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " | Δ best-val vs " + f"`{ref}`" + " | paired n | agreement | ECE | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    unmatched = []
     for r in table["arms"]:
         vs = r.get("vs_reference") or {}
+        final = vs.get("test_accuracy") or {}
+        if final.get("unmatched"):
+            unmatched.append(f"`{r['arm']}` vs `{ref}`: seeds {final['unmatched']}")
+        label = " (primary)" if r.get("comparison") == "primary" else ""
         lines.append(
-            f"| `{r['arm']}` | {r['n']} | {_pm(r['test_accuracy'])} | {_pm(r['best_val_test_accuracy'])} | "
-            f"{_diff(vs.get('test_accuracy'))} | {_diff(vs.get('best_val_test_accuracy'))} | "
+            f"| `{r['arm']}`{label} | {r['n']} | {_pm(r['test_accuracy'])} | {_pm(r['best_val_test_accuracy'])} | "
+            f"{_diff(final)} | {_diff(vs.get('best_val_test_accuracy'))} | {final.get('n', '-') if vs else '-'} | "
             f"{_pm(r['agreement'], 3)} | {_pm(r['test_ece'], 3)} | {_pm(r['train_seconds'], 1)} |")
+    contrasts = table.get("contrasts") or []
+    if contrasts:
+        lines += ["", "Contrasts (a - b, paired over the seeds both ran):", "",
+                  "| a | b | kind | paired n | Δ final | Δ best-val | Δ final per seed |", "|---|---|---|---|---|---|---|"]
+        for c in contrasts:
+            final = c["test_accuracy"]
+            if final.get("unmatched"):
+                unmatched.append(f"`{c['a']}` vs `{c['b']}`: seeds {final['unmatched']}")
+            lines.append(f"| `{c['a']}` | `{c['b']}` | {c['label']} | {final['n']} | {_diff(final)} | "
+                         f"{_diff(c['best_val_test_accuracy'])} | {_points(final)} |")
+    lines += ["", "Unmatched seeds (left out of a paired difference): " + ("; ".join(unmatched) or "none") + "."]
+    if any(any(v is not None for v in (r.get("terms") or {}).values()) for r in table["arms"]):
+        lines += ["", "Loss terms as trained (per-epoch means of the unweighted terms and of the distillation weight, "
+                  "averaged over epochs and seeds; the objective adds weight x term):", "",
+                  "| arm | CE | KD | W | GM | weight |", "|---|---|---|---|---|---|"]
+        for r in table["arms"]:
+            t = r.get("terms") or {}
+            lines.append(f"| `{r['arm']}` | " + " | ".join(_num(t.get(k), 4) for k in TERM_COLUMNS) + " |")
     lines += ["", "Objectives as run:", ""]
     lines += [f"- `{r['arm']}`: {r['objective'] or '-'}" for r in table["arms"]]
     hw = table["hardware"]
-    lines += ["", f"Hardware: {hw['cpu']} ({hw['logical_cpus']} logical CPUs), "
-              f"GPU: {hw['gpu'] or 'none'}, devices used: {', '.join(hw['devices']) or '-'}; torch {hw['torch']}, "
-              f"Python {hw['python']}; written {table['written']}.", ""]
+    cpu = hw.get("cpu_model") or hw["cpu"]
+    isa = f", kernels {hw['cpu_capability']}" if hw.get("cpu_capability") else ""
+    lines += ["", f"Hardware: {cpu} ({hw['logical_cpus']} logical CPUs, {hw.get('torch_threads', '-')} torch "
+              f"threads per process{isa}), GPU: {hw['gpu'] or 'none'}, devices used: {', '.join(hw['devices']) or '-'}; "
+              f"torch {hw['torch']}, Python {hw['python']}; written {table['written']}.", ""]
     return "\n".join(lines)
 
 
-def write_comparison(table: Mapping[str, Any], folder: Path) -> dict[str, str]:
-    """comparison.md, comparison.json and comparison.png in ``folder``; returns their paths."""
+RESULTS_DIR = "docs/results"  # the committed copy of each sweep's comparison: docs/results/<name>/
+
+
+def write_comparison(table: Mapping[str, Any], folder: Path, publish: Optional[Path] = None) -> dict[str, str]:
+    """comparison.md, comparison.json and comparison.png in ``folder``; with ``publish`` (a folder meant to be
+    committed, ``docs/results/<name>/``) the same three files there too, the points' summaries as
+    ``points/<arm>-seed<n>.json`` beside them (small files, no weights, no machine paths). Returns the paths
+    in ``folder``."""
+    paths = _write_comparison_files(table, folder)
+    if publish is not None:
+        public = {**table, "points": [_public_point(p) for p in table["points"]]}
+        _write_comparison_files({k: v for k, v in public.items() if k != "points"}, publish)
+        for point in public["points"]:
+            write_json(publish / POINTS / f"{point_name(point['arm'], point['seed'])}.json", point)
+        stale = {f.name for f in (publish / POINTS).glob("*.json")} - \
+            {f"{point_name(p['arm'], p['seed'])}.json" for p in public["points"]}
+        for name in stale:  # points of an earlier run of this sweep that are not in this comparison
+            (publish / POINTS / name).unlink()
+        logger.info("sweep comparison published to %s (%d point summaries)", publish, len(public["points"]))
+    return paths
+
+
+def _public_point(point: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in point.items() if k not in ("dir", "skipped")}
+
+
+def _write_comparison_files(table: Mapping[str, Any], folder: Path) -> dict[str, str]:
     paths = {"md": folder / "comparison.md", "json": folder / "comparison.json", "png": folder / "comparison.png"}
+    folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(paths["md"]) as fh:
         fh.write(comparison_markdown(table))
     write_json(paths["json"], table)

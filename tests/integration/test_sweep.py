@@ -23,7 +23,8 @@ def test_preset_sweep_writes_the_table_and_resumes(clone_project, prefect_harnes
     root: Path = clone_project()
     (root / "sweeps.yaml").write_text((Path(__file__).resolve().parents[2] / "sweeps.yaml").read_text())
     spec = build_spec(root, "digits-smoke", None, None, ["student.train.epochs=2"], None, None)
-    first = sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=2))(spec, str(root), 1)
+    first = sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=2))(spec, str(root), 1,
+                                                                                publish="digits-smoke")
     folder = root / "reports/sweep/digits-smoke"
     table = json.loads((folder / "comparison.json").read_text())
     rows = {r["arm"]: r for r in table["arms"]}
@@ -34,10 +35,26 @@ def test_preset_sweep_writes_the_table_and_resumes(clone_project, prefect_harnes
     assert "vs_reference" not in rows["kd"] and rows["gompertz"]["vs_reference"]["test_accuracy"]["n"] == 2
     assert rows["kd"]["objective"].startswith("CE + constant(a=1) * [1 KD]")
     md = (folder / "comparison.md").read_text()
-    assert "| `gompertz` | 2 |" in md and "Δ final vs `kd`" in md and "Hardware:" in md
+    assert "| `gompertz` (primary) | 2 |" in md and "Δ final vs `kd`" in md and "Hardware:" in md
     assert (folder / "comparison.png").stat().st_size > 1000
     assert (folder / "params.yaml").is_file() and (folder / "models/teacher.pt").is_file()
     assert len({p["dir"] for p in first["points"]}) == 6 and not any(p["skipped"] for p in first["points"])
+    assert [(c["a"], c["b"], c["label"]) for c in table["contrasts"]] == [("gompertz", "kd", "primary"),
+                                                                           ("kd", "none", "exploratory")]
+
+    # the committed copy: the same comparison, and a small summary per point (curves, loss terms, fingerprint)
+    public = root / "docs/results/digits-smoke"
+    assert (public / "comparison.md").read_text() == md and (public / "comparison.png").is_file()
+    summaries = {f.stem: json.loads(f.read_text()) for f in (public / "points").glob("*.json")}
+    assert set(summaries) == {f"{a}-seed{s}" for a in ("none", "kd", "gompertz") for s in (0, 1)}
+    kd0 = summaries["kd-seed0"]
+    assert len(kd0["val_curve"]) == 2 and all(0 < v <= 1 for v in kd0["val_curve"])
+    assert len(kd0["terms"]["kd"]) == 2 and kd0["terms"]["weight"] == [1.0, 1.0] and "wasserstein" not in kd0["terms"]
+    assert set(summaries["gompertz-seed0"]["terms"]) == {"ce", "kd", "wasserstein", "grad_match", "weight"}
+    assert "kd" not in summaries["none-seed0"]["terms"] and len(kd0["fingerprint"]) == 16
+    assert kd0["test_accuracy"] == next(p for p in first["points"] if p["arm"] == "kd" and p["seed"] == 0)[
+        "test_accuracy"] and "dir" not in kd0
+    assert sum(f.stat().st_size for f in public.rglob("*.json")) < 100_000  # small files only
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     parent = client.get_run(first["parent_run_id"])

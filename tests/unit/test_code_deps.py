@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasks.code_deps import (
-    ROOT, code_deps, generated_dvc_yaml, imported_modules, module_closure, rewrite_dvc_yaml, stage_modules,
+    ROOT, code_deps, code_hash, generated_dvc_yaml, imported_modules, module_closure, rewrite_dvc_yaml, stage_modules,
 )
 
 
@@ -129,3 +129,17 @@ def test_check_fails_and_shows_the_difference_when_an_import_is_added(project: P
         fh.write("import tasks.other\n")
     proc = subprocess.run([*cmd, "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "+      - tasks/other.py" in proc.stdout
+
+
+def test_code_hash_follows_the_import_closure_and_nothing_else(tmp_path: Path) -> None:
+    """A sweep point's fingerprint holds this hash: an edit of any module the stage imports changes it, an edit
+    of a module it does not import leaves it."""
+    root = _tree(tmp_path, {"tasks/__init__.py": "", "tasks/stage.py": "from tasks import helper\n",
+                            "tasks/helper.py": "X = 1\n", "tasks/other.py": "Y = 1\n"})
+    first = code_hash(("tasks.stage",), root)
+    assert len(first) == 16 and code_hash(("tasks.stage",), root) == first
+    (root / "tasks/other.py").write_text("Y = 2\n")
+    assert code_hash(("tasks.stage",), root) == first
+    (root / "tasks/helper.py").write_text("X = 2\n")
+    assert code_hash(("tasks.stage",), root) != first
+    assert code_hash(("tasks.stage", "tasks.other"), root) != code_hash(("tasks.stage",), root)

@@ -1,5 +1,6 @@
 """The sweep's pure parts: presets and the command line's lists, the comparison statistics, the figure."""
 
+import json
 import math
 
 import pytest
@@ -8,7 +9,9 @@ from scipy import stats
 from flows.sweep import build_spec, expand_multi_values
 from gkd_core.cli_support import UserError
 from gkd_core.plots import comparison_figure
-from tasks.sweep import SweepSpec, compare, load_preset, merged, paired_difference
+from tasks.sweep import (
+    SweepSpec, compare, comparison_markdown, load_preset, merged, paired_difference, write_comparison,
+)
 
 
 def test_space_separated_lists_as_the_readme_writes_them():
@@ -49,15 +52,75 @@ def test_paired_difference_and_its_t_interval():
     half = stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(3)
     assert d["ci95"] == pytest.approx([0.02 - half, 0.02 + half])
     assert d["values"] == pytest.approx(diffs)
+    assert d["seeds"] == [0, 1, 2] and d["unmatched"] == [3]  # reported, not silently dropped
+
+
+def _points(acc: dict, terms: bool = False) -> list[dict]:
+    return [{"arm": a, "seed": s, "test_accuracy": v, "best_val_test_accuracy": v - 0.001, "train_seconds": 1.0,
+             "device": "cpu", "objective": f"obj {a}",
+             **({"terms": {"ce": [1.0, 0.5], "kd": [0.4, 0.2], "weight": [0.1, 0.9]}} if terms else {})}
+            for (a, s), v in acc.items()]
+
+
+def test_primary_comparison_contrasts_and_unmatched_seeds_in_the_table():
+    spec = SweepSpec(name="t", arms=("none", "kd", "gompertz", "gompertz_kd"), seeds=(0, 1, 2), reference="kd",
+                     primary=("gompertz", "kd"), contrasts=(("gompertz", "gompertz_kd"), ("kd", "absent")))
+    acc = {("none", 0): 0.90, ("none", 1): 0.91, ("kd", 0): 0.92, ("kd", 1): 0.935, ("kd", 2): 0.93,
+           ("gompertz", 0): 0.925, ("gompertz", 1): 0.94, ("gompertz_kd", 0): 0.92, ("gompertz_kd", 1): 0.93,
+           ("gompertz_kd", 2): 0.91}
+    table = compare(_points(acc, terms=True), spec)
+    rows = {r["arm"]: r for r in table["arms"]}
+    assert rows["gompertz"]["comparison"] == "primary" and rows["none"]["comparison"] == "exploratory"
+    assert rows["gompertz"]["vs_reference"]["test_accuracy"]["unmatched"] == [2]
+    assert [(c["a"], c["b"], c["label"]) for c in table["contrasts"]] == [
+        ("gompertz", "kd", "primary"), ("gompertz", "gompertz_kd", "exploratory")]  # "absent" did not run
+    g_gk = table["contrasts"][1]["test_accuracy"]
+    assert g_gk["n"] == 2 and g_gk["mean"] == pytest.approx(0.0075) and g_gk["unmatched"] == [2]
+    assert rows["kd"]["terms"]["kd"] == pytest.approx(0.3) and rows["kd"]["terms"]["weight"] == pytest.approx(0.5)
+    assert rows["kd"]["terms"]["wasserstein"] is None
+    md = comparison_markdown(table)
+    assert "| `gompertz` (primary) | 2 |" in md and "| `none` | 2 |" in md
+    assert "| `gompertz` | `gompertz_kd` | exploratory | 2 | +0.75 [" in md and "+0.50, +1.00 |" in md
+    assert "`gompertz` vs `kd`: seeds [2]" in md and "pre-declared primary comparison is `gompertz` vs `kd`" in md
+    assert "| `kd` | 0.7500 | 0.3000 | - | - | 0.5000 |" in md
+
+
+def test_a_preset_declares_its_primary_and_contrasts_among_its_arms(tmp_path):
+    path = tmp_path / "sweeps.yaml"
+    path.write_text("presets:\n  p:\n    arms: [none, kd]\n    seeds: [0]\n    primary: [kd, none]\n"
+                    "    contrasts: [[none, kd]]\n")
+    spec = load_preset(tmp_path, "p")
+    assert spec.primary == ("kd", "none") and spec.contrasts == (("none", "kd"),)
+    for bad, says in (("primary: [kd, gompertz]", "\\['gompertz'\\] not among the preset's arms"),
+                      ("contrasts: [[kd]]", "contrasts: expected a pair of two different arm names"),
+                      ("primary: [kd, kd]", "primary: expected a pair")):
+        path.write_text(f"presets:\n  p:\n    arms: [none, kd]\n    seeds: [0]\n    {bad}\n")
+        with pytest.raises(UserError, match=says):
+            load_preset(tmp_path, "p")
+
+
+def test_published_comparison_holds_small_point_summaries_and_drops_stale_ones(tmp_path):
+    spec = SweepSpec(name="t", arms=("none", "kd"), seeds=(0, 1), reference="kd")
+    acc = {("none", 0): 0.90, ("none", 1): 0.91, ("kd", 0): 0.92, ("kd", 1): 0.935}
+    points = [{**p, "dir": "/machine/path", "skipped": True, "val_curve": [0.5, 0.6]} for p in _points(acc)]
+    public = tmp_path / "docs" / "results" / "t"
+    (public / "points").mkdir(parents=True)
+    (public / "points" / "gompertz-seed0.json").write_text("{}")  # from an earlier run, not in this table
+    write_comparison(compare(points, spec), tmp_path / "reports", public)
+    assert sorted(f.name for f in public.iterdir()) == ["comparison.json", "comparison.md", "comparison.png", "points"]
+    assert sorted(f.name for f in (public / "points").iterdir()) == [
+        "kd-seed0.json", "kd-seed1.json", "none-seed0.json", "none-seed1.json"]
+    point = json.loads((public / "points" / "kd-seed1.json").read_text())
+    assert point["test_accuracy"] == 0.935 and point["val_curve"] == [0.5, 0.6] and "dir" not in point
+    assert "points" not in json.loads((public / "comparison.json").read_text())
+    assert (public / "comparison.md").read_text() == (tmp_path / "reports" / "comparison.md").read_text()
 
 
 def test_compare_rows_and_the_figure_shows_every_arm_unclipped():
     spec = SweepSpec(name="t", arms=("none", "kd", "gompertz"), seeds=(0, 1), reference="kd")
     acc = {("none", 0): 0.90, ("none", 1): 0.91, ("kd", 0): 0.92, ("kd", 1): 0.935, ("gompertz", 0): 0.925,
            ("gompertz", 1): 0.94}
-    points = [{"arm": a, "seed": s, "test_accuracy": v, "best_val_test_accuracy": v - 0.001, "train_seconds": 1.0,
-               "device": "cpu", "objective": f"obj {a}"} for (a, s), v in acc.items()]
-    table = compare(points, spec)
+    table = compare(_points(acc), spec)
     rows = {r["arm"]: r for r in table["arms"]}
     assert rows["gompertz"]["vs_reference"]["test_accuracy"]["mean"] == pytest.approx(0.005)
     assert "vs_reference" not in rows["kd"] and rows["none"]["test_accuracy"]["mean"] == pytest.approx(0.905)
@@ -81,3 +144,22 @@ def test_the_served_model_code_needs_only_gkd_core():
         a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not any(m.startswith("tasks") for m in imported if m)
     assert f'MODEL_FILE_ARTIFACT = "{MODEL_FILE_ARTIFACT}"' in SERVING_CODE.read_text()
+
+
+def test_a_point_is_stale_when_its_code_or_its_teacher_changes(tmp_path, monkeypatch):
+    """The point's fingerprint covers the code of distill_student + evaluate (their import closure) and the
+    teacher's own fingerprint, not only the params: a sweep after a code change recomputes its points."""
+    import tasks.sweep as sweep_mod
+
+    (tmp_path / "params.yaml").write_text("seed: 0\nmethod: {name: kd}\n")
+    (tmp_path / "reports/info").mkdir(parents=True)
+    (tmp_path / "reports/data.json").write_text(json.dumps({"hash": "d1"}))
+    (tmp_path / "reports/info/teacher.json").write_text(json.dumps({"sweep_fingerprint": "t1"}))
+    fp = lambda: sweep_mod.point_fingerprint(tmp_path / "params.yaml", tmp_path, "kd", 0)  # noqa: E731
+    first = fp()
+    assert fp() == first
+    monkeypatch.setattr(sweep_mod, "code_fingerprint", lambda modules: "another-code")
+    assert fp() != first
+    monkeypatch.undo()
+    (tmp_path / "reports/info/teacher.json").write_text(json.dumps({"sweep_fingerprint": "t2"}))
+    assert fp() != first
