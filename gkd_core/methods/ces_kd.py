@@ -8,8 +8,13 @@ Our reading, fully vectorised (no per-sample Python):
 
 - The ladder is ``assistants`` (smallest first; each trained alone with CE on the student's budget when the
   method is built) followed by the main teacher: K experts in all.
-- Difficulty of each image = the main teacher's cross-entropy on it (detached); its rank within the batch
-  gives ``r`` in [0, 1) (0 = easiest). With several processes: within the global batch (gathered).
+- Difficulty of each image = the main teacher's cross-entropy on it (detached). Its rank ``r`` in [0, 1)
+  (0 = easiest) is taken against a *reference*: the difficulties of the last 4,096 training images seen
+  before this batch (``routing: reference``, the default), so an image's expert depends on the image (and the
+  run so far), not on which images share its batch; the first batch, with no reference yet, is ranked within
+  itself. With several processes every rank adds the global batch (gathered) to the same reference.
+  ``routing: batch`` is the earlier reading (before 2026-12): the rank within the batch, which hands each
+  expert a fixed share of every batch whatever its images.
 - Curriculum pacing: at progress p the top of the ladder that is open is
   ``u(p) = min(1, 1/K + (1 - 1/K) * p / pace)``: at the start every image learns from the smallest assistant;
   by ``p = pace`` the whole ladder is open and images spread over it by difficulty.
@@ -22,7 +27,7 @@ Cost: one extra frozen forward per assistant per step (no grad).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 from pydantic import Field
@@ -44,13 +49,23 @@ class CESKDParams(Strict):
         min_length=1, max_length=8, description="teacher assistants, smallest first (trained with CE first)",
     )
     pace: float = Field(0.5, gt=0.0, le=1.0, description="fraction of training by which the whole ladder is open")
+    routing: Literal["reference", "batch"] = Field(
+        "reference", description="reference: rank each image's difficulty against the last 4,096 images seen; "
+                                 "batch: rank within its batch (a fixed share of every batch per expert)")
 
 
-def expert_index(difficulty: Tensor, progress: float, n_experts: int, pace: float) -> Tensor:
+REFERENCE_SIZE = 4096  # difficulties of the most recent training images, the ranks' reference
+
+
+def expert_index(difficulty: Tensor, progress: float, n_experts: int, pace: float,
+                 reference: Optional[Tensor] = None) -> Tensor:
     """Per-sample expert index in ``[0, n_experts)``: harder images (higher ``difficulty``) get larger
-    experts, and the ladder opens from the smallest expert to all of them by ``progress == pace``."""
-    b = difficulty.shape[0]
-    rank = difficulty.argsort().argsort().to(torch.float32) / max(b, 1)  # 0 = easiest
+    experts, and the ladder opens from the smallest expert to all of them by ``progress == pace``. An image's
+    rank is the fraction of ``reference`` (other images' difficulties) strictly below its own; without a
+    reference, of its batch (ties share a rank)."""
+    ref = difficulty if reference is None or reference.numel() == 0 else reference
+    ordered = ref.detach().float().sort().values
+    rank = torch.searchsorted(ordered, difficulty.detach().float().contiguous()).to(torch.float32) / ordered.numel()
     top = min(1.0, 1.0 / n_experts + (1.0 - 1.0 / n_experts) * progress / pace)
     return (rank * top * n_experts).floor().long().clamp_(max=n_experts - 1)
 
@@ -70,6 +85,20 @@ class CESKDDistiller(Distiller):
             a.eval()
             for p in a.parameters():
                 p.requires_grad_(False)
+        # the routing reference: a ring of recent difficulties and how many were written (checkpointed)
+        self.register_buffer("reference", torch.zeros(REFERENCE_SIZE))
+        self.register_buffer("reference_seen", torch.zeros((), dtype=torch.long))
+
+    def _reference(self) -> Optional[Tensor]:
+        n = int(self.reference_seen)
+        return self.reference[:min(n, REFERENCE_SIZE)] if n else None
+
+    def _remember(self, difficulty: Tensor) -> None:
+        d = difficulty.detach().float()[-REFERENCE_SIZE:]
+        start = int(self.reference_seen) % REFERENCE_SIZE
+        slots = (torch.arange(d.numel(), device=d.device) + start) % REFERENCE_SIZE
+        self.reference[slots.to(self.reference.device)] = d.to(self.reference.device)
+        self.reference_seen += difficulty.numel()
 
     @classmethod
     def from_context(cls, spec: MethodSpec, ctx: MethodContext) -> "CESKDDistiller":
@@ -94,12 +123,15 @@ class CESKDDistiller(Distiller):
         experts = torch.cat([assistant_logits.to(t_logits.dtype), t_logits.unsqueeze(0)])  # (K, B, C)
         with torch.autocast(device_type=batch.student_logits.device.type, enabled=False):
             difficulty = nn.functional.cross_entropy(t_logits.float(), batch.y, reduction="none")
-        if self.distributed:  # ranks within the global batch, as one process would rank them; this rank's block
+        everyone = distributed.gather_rows(difficulty) if self.distributed else difficulty  # the global batch
+        if self.params.routing == "batch":  # ranks within the global batch; this rank's block
             b = difficulty.shape[0]
-            ranked = expert_index(distributed.gather_rows(difficulty), batch.progress, experts.shape[0], self.params.pace)
-            k = ranked[distributed.rank() * b:(distributed.rank() + 1) * b]
+            ranked = expert_index(everyone, batch.progress, experts.shape[0], self.params.pace)
+            k = ranked[distributed.rank() * b:(distributed.rank() + 1) * b] if self.distributed else ranked
         else:
-            k = expert_index(difficulty, batch.progress, experts.shape[0], self.params.pace)
+            k = expert_index(difficulty, batch.progress, experts.shape[0], self.params.pace, self._reference())
+            if self.training:
+                self._remember(everyone)
         chosen = experts[k, torch.arange(k.shape[0], device=k.device)]
         level = k.float().mean() / max(experts.shape[0] - 1, 1)
         return Objective(terms={"kd": kd_loss(batch.student_logits, chosen, self.losses_cfg.temperature)},

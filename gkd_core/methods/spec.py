@@ -90,7 +90,8 @@ class MethodSpec:
         params = ", ".join(f"{k}={v:.4g}" for k, v in schedule.state_dict().items()
                            if k != "name" and isinstance(v, (int, float)))
         w = f"{schedule.name}({params})" if params else schedule.name
-        return self.objective.format(w=w, terms=terms) if self.terms else "CE"
+        own = block.model_dump() if hasattr(block, "model_dump") else {}  # a method's own params, e.g. {total_weight}
+        return self.objective.format(**own, w=w, terms=terms) if self.terms else "CE"
 
 
 # --- the objective ----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 import copy
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -301,7 +302,7 @@ def test_akd_alpha_cam_and_gradients():
     # the CAM starts as the identity reweighting: KD~ equals plain KD
     assert out["kd"].item() == pytest.approx(kd_loss(zs, zt, c.losses.temperature).item(), rel=1e-5)
     a = out["alpha"]
-    expected = a * out["ce"] + out["weight"] * (1 - a) * out["kd"] + out["cam"]
+    expected = 2 * a * out["ce"] + out["weight"] * 2 * (1 - a) * out["kd"] + out["cam"]  # total_weight 2: kd's scale
     assert_close(out["total"], expected)
 
     out["total"].backward()
@@ -311,11 +312,74 @@ def test_akd_alpha_cam_and_gradients():
     got = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
     z = student(x)
-    (a * F.cross_entropy(z, y) + (1 - a) * kd_loss(z, zt, c.losses.temperature)).backward()
+    (2 * a * F.cross_entropy(z, y) + 2 * (1 - a) * kd_loss(z, zt, c.losses.temperature)).backward()
     for g, p in zip(got, student.parameters()):
         assert_close(g, p.grad)
     ids = {id(p) for p in d.trainable_parameters()}
     assert all(id(p) in ids for p in d.cam.parameters())
+
+
+def _softmax(row, t=1.0):
+    e = [math.exp(v / t) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def _kl(p, q):  # KL(p || q)
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+ZS = [[2.0, 0.5, -1.0], [0.0, 1.0, 0.5]]  # a hand-sized case: 2 images, 3 classes
+ZT = [[3.0, 0.0, -2.0], [-1.0, 2.5, 0.0]]
+Y = [0, 2]
+
+
+def _akd_by_hand(total_weight: float, alpha=None, T: float = 2.0, beta: float = 1.0):
+    """AKD's objective computed with plain floats: CAM at its start (m = 1), the formulas of akd.py."""
+    gap = sum(_kl(_softmax(t), _softmax(s)) for s, t in zip(ZS, ZT)) / 2
+    alpha = 1 - math.exp(-beta * gap) if alpha is None else alpha
+    ce = sum(-math.log(_softmax(s)[y]) for s, y in zip(ZS, Y)) / 2
+    kd = T * T * sum(_kl(_softmax(t, T), _softmax(s, T)) for s, t in zip(ZS, ZT)) / 2
+    cam = sum(-math.log(_softmax(t, T)[y]) for t, y in zip(ZT, Y)) / 2  # the CAM learns at the applied T
+    return total_weight * alpha * ce + total_weight * (1 - alpha) * kd + cam, alpha, kd, cam
+
+
+def _akd_objective(params: AKDParams):
+    from gkd_core.methods.base import Batch, combine
+
+    teacher = TinyNet(num_classes=3)
+    d = AKDDistiller(TinyNet(num_classes=3), teacher, ConstantSchedule(a=1.0), LossesConfig(temperature=2.0),
+                     weights={"kd": 1.0, "wasserstein": 0.0, "grad_match": 0.0}, params=params)
+    zs, zt, y = torch.tensor(ZS, requires_grad=True), torch.tensor(ZT), torch.tensor(Y)
+    ce = F.cross_entropy(zs, y)
+    batch = Batch(x=torch.zeros(2, 12), y=y, progress=0.5, step=0, student_logits=zs, teacher_logits=zt, ce=ce)
+    objective = d.method_objective(batch)
+    total = combine(ce, 1.0, 1.0, objective.terms, d.weights, objective, True)
+    return d, objective, total
+
+
+def test_akd_objective_on_a_hand_computed_case():
+    """total_weight 2 (kd's CE + 1 KD scale) and 1 (the paper's convex form); the CAM's CE at T = 2."""
+    for s in (2.0, 1.0):
+        _, objective, total = _akd_objective(AKDParams(total_weight=s))
+        expected, alpha, kd, cam = _akd_by_hand(s)
+        assert objective.metrics["alpha"].item() == pytest.approx(alpha, rel=1e-5)
+        assert objective.terms["kd"].item() == pytest.approx(kd, rel=1e-5)
+        assert objective.metrics["cam"].item() == pytest.approx(cam, rel=1e-5)
+        assert total.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_akd_learned_alpha_starts_at_a_half_and_trains_toward_the_smaller_loss():
+    d, objective, total = _akd_objective(AKDParams(alpha="learned"))
+    expected, _, kd, _ = _akd_by_hand(2.0, alpha=0.5)
+    assert objective.metrics["alpha"].item() == pytest.approx(0.5) and total.item() == pytest.approx(expected, rel=1e-5)
+    total.backward()
+    ce = sum(-math.log(_softmax(s)[y]) for s, y in zip(ZS, Y)) / 2
+    # d total / d theta = s * alpha (1 - alpha) (CE - KD)
+    assert d.alpha_logit.grad.item() == pytest.approx(2 * 0.25 * (ce - kd), rel=1e-5)
+    groups = {g["name"]: g for g in d.param_groups(0.1)}
+    assert groups["akd_alpha"]["params"] == [d.alpha_logit] and groups["akd_alpha"]["weight_decay"] == 0.0
+    assert any(p is d.alpha_logit for p in d.method_parameters())
+    assert _akd_objective(AKDParams())[0].alpha_logit is None  # the gap variant has no trained alpha
 
 
 def test_akd_and_dynamic_kd_with_all_terms_are_finite():
@@ -376,6 +440,45 @@ def test_ceskd_expert_index_curriculum():
     assert end[order].tolist() == [0, 0, 0, 1, 1, 1, 2, 2]  # the whole ladder is used, by difficulty
     mid = expert_index(difficulty, 0.25, n_experts=3, pace=0.5)
     assert mid.max() == 1 and (mid <= end).all()
+
+
+def test_ceskd_routes_each_image_by_its_own_difficulty_against_the_reference():
+    """By hand: reference difficulties 0.5, 1.0, 1.5, 2.0; the ladder fully open (3 experts): an image of
+    difficulty 0.2 has 0 of 4 below it (expert 0), 1.2 has 2 (floor(0.5 * 3) = expert 1), 3.0 all 4 (expert 2).
+    Its expert does not depend on its batch mates; ranked within the batch (the earlier reading) it does."""
+    reference = torch.tensor([2.0, 0.5, 1.5, 1.0])
+    assert expert_index(torch.tensor([0.2, 1.2, 3.0]), 1.0, 3, 0.5, reference).tolist() == [0, 1, 2]
+    assert expert_index(torch.tensor([1.2, 1.2, 1.2, 1.2]), 1.0, 3, 0.5, reference).tolist() == [1, 1, 1, 1]
+    assert expert_index(torch.tensor([1.2, 1.2, 1.2, 1.2]), 1.0, 3, 0.5).tolist() == [0, 0, 0, 0]  # batch ranks
+    assert expert_index(torch.tensor([1.2, 5.0, 6.0, 7.0]), 1.0, 3, 0.5).tolist()[0] == 0  # same image, other mates
+
+
+def test_ceskd_distiller_keeps_a_reference_of_recent_difficulties():
+    torch.manual_seed(0)
+    student, teacher, assistant = (build_model("digits_cnn", 10, 1, width=w) for w in (0.5, 2.0, 1.0))
+    d = build_distiller(MethodConfig(name="ces_kd"), LossesConfig(), student, teacher,
+                        train_alone=lambda model_cfg, label: assistant)
+    d.train()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    d(x, y, progress=1.0)
+    assert int(d.reference_seen) == 16
+    with torch.no_grad():
+        difficulty = F.cross_entropy(teacher(x), y, reduction="none")
+    assert torch.allclose(d.reference[:16], difficulty, atol=1e-6)
+    # the second batch is routed against the first: the expert of each image by hand, KD against it
+    x2, y2 = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    with torch.no_grad():
+        d2 = F.cross_entropy(teacher(x2), y2, reduction="none")
+        below = torch.tensor([(difficulty < v).sum().item() for v in d2]).float() / 16
+        k = (below * 2).floor().long().clamp(max=1)  # 2 experts: the assistant, the teacher
+        experts = torch.stack([assistant(x2), teacher(x2)])
+        chosen = experts[k, torch.arange(4)]
+    out = d(x2, y2, progress=1.0)
+    assert torch.allclose(out["kd"], kd_loss(out["logits"].detach(), chosen, 4.0), atol=1e-5)
+    assert int(d.reference_seen) == 20 and "reference" in d.training_state()
+    d.eval()
+    d(x2, y2, progress=1.0)
+    assert int(d.reference_seen) == 20  # validation does not feed the reference
 
 
 def test_ceskd_distiller_uses_assistants_and_trains_student_only():
