@@ -30,7 +30,7 @@ PATHS = {
 }
 ROWS = ("teacher", "student (none)", "student (kd)", "student (gompertz)")
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-         "DVC_NO_ANALYTICS": "1"}
+         "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 logger = logging.getLogger("cpu_paths")
 
 
