@@ -156,14 +156,14 @@ sweep_point_task = task(_sweep_point_logged, **_policy("sweep-point"))
 
 
 def _tune_trials(method: str, folder: str, parent_run_id: Optional[str], study_name: str, storage: str,
-                 n_trials: int, budget: int, worker: int = 0) -> int:
+                 n_trials: int, budget: int, worker: int = 0, fixed: Optional[dict[str, Any]] = None) -> int:
     """Up to ``n_trials`` trials of one study in this worker process, never past the study's ``budget`` (so a
     retried task adds only what is missing): tasks.tune.run_trials, logged as on the command line."""
     from tasks import tune  # optuna: imported by the search only
 
     _log_like_the_command_line()
-    return tune.run_trials(tune.TrialContext(method, Path(folder), parent_run_id), study_name, storage, n_trials,
-                           budget, worker)
+    return tune.run_trials(tune.TrialContext(method, Path(folder), parent_run_id, fixed=dict(fixed or {})), study_name,
+                           storage, n_trials, budget, worker)
 
 
 tune_trials_task = task(_tune_trials, **_policy("tune-trials"))

@@ -227,21 +227,24 @@ def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], 
     base = load_preset(root, preset) if preset else SweepSpec(name="custom", arms=DEFAULT_METHODS,
                                                                seeds=DEFAULT_SEEDS, reference="kd")
     arms = tuple(_split(methods)) or base.arms
-    arm_params: dict[str, dict[str, Any]] = {}
+    arm_params: dict[str, dict[str, Any]] = {a: dict(v) for a, v in base.arm_params.items() if a in arms}
     if tuned:
         from tasks.tune import TUNE_DIR, read_tuned  # optuna: imported only for a tuned sweep
 
         if not preset:
             raise UserError("--tuned reads reports/tune/<preset>/tuned.yaml: name the --preset that was tuned")
-        for method, entry in read_tuned(root / TUNE_DIR / preset).items():
-            if not _split(methods) or method in arms:
-                arm_params[f"{method}-tuned"] = {**dict(entry["overrides"]), "method.name": method}
-        if not arm_params:
+        tuned_arms = {f"{method}-tuned": {**base.arm_params.get(method, {}), **dict(entry["overrides"]),
+                                          "method.name": method}  # the preset's own settings of the arm, then the search's
+                      for method, entry in read_tuned(root / TUNE_DIR / preset).items()
+                      if not _split(methods) or method in arms}
+        if not tuned_arms:
             raise UserError(f"{root / TUNE_DIR / preset}: no tuned settings for the arms {list(arms)}")
-        arms = (*arms, *arm_params)
+        arm_params.update(tuned_arms)
+        arms = (*arms, *tuned_arms)
     reference = reference or (base.reference if base.reference in arms else None)
     # a tuned arm against its own defaults, and the primary comparison again between tuned arms (exploratory)
-    tuned_pairs = [(a, a.removesuffix("-tuned")) for a in arm_params if a.removesuffix("-tuned") in arms]
+    tuned_pairs = [(a, a.removesuffix("-tuned")) for a in arm_params
+                   if a.endswith("-tuned") and a.removesuffix("-tuned") in arms]
     if base.primary and all(f"{m}-tuned" in arm_params for m in base.primary):
         tuned_pairs.append((f"{base.primary[0]}-tuned", f"{base.primary[1]}-tuned"))
     return SweepSpec(name=name or base.name, arms=arms, seeds=tuple(seed_list) or base.seeds, reference=reference,

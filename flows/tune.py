@@ -124,7 +124,8 @@ def tune(preset: str, methods: Optional[list[str]] = None, trials: int = 20, wor
         shared_stages(root, spec)
         studies: dict[str, Any] = {}
         for method in arms:
-            studies[method] = _one_study(root, folder, out, preset, method, params, int(trials), int(workers), url, log)
+            studies[method] = _one_study(root, folder, out, preset, method, params, int(trials), int(workers), url, log,
+                                         dict(base.arm_params.get(method, {})))
     rows = [studies[m] for m in arms]
     tuned = tuning.write_tuned(out, {r["method"]: {"overrides": r["overrides"], "val_accuracy": r["value"],
                                                     "trial": r["trial"], "study": r["study"]}
@@ -136,7 +137,8 @@ def tune(preset: str, methods: Optional[list[str]] = None, trials: int = 20, wor
 
 
 def _one_study(root: Path, folder: Path, out: Path, preset: str, method: str, params: Any, trials: int,
-               workers: int, storage: str, log: Any) -> dict[str, Any]:
+               workers: int, storage: str, log: Any, fixed: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    fixed = {k: v for k, v in (fixed or {}).items() if k != "method.name"}  # the preset's settings of this arm
     name = f"tune-{preset}-{method}"
     study = tuning.open_study(name, storage)
     remaining = max(0, trials - tuning.finished(study))
@@ -146,7 +148,8 @@ def _one_study(root: Path, folder: Path, out: Path, preset: str, method: str, pa
         "gkd.flow": "tune", "optuna.study": name, "method": method, "preset": preset})
     status = "FAILED"
     try:
-        futures = [tune_trials_task.submit(method, str(folder), parent, name, storage, share, trials, worker)
+        futures = [tune_trials_task.submit(method, str(folder), parent, name, storage, share, trials, worker,
+                                           dict(fixed))
                    for worker, share in enumerate(plan(remaining, workers))]
         for future in futures:
             future.result()

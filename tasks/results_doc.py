@@ -5,8 +5,10 @@
 
 A block in docs/results.md is the text between ``<!-- results: <name> -->`` and ``<!-- /results -->``: the
 comparison of ``docs/results/<name>/comparison.json`` (written by ``flows.sweep``, which publishes each preset's
-comparison there) as :func:`tasks.sweep.comparison_markdown` renders it, without its title. The text around the
-blocks is prose and is not generated; tests/unit/test_results_doc.py fails when a block and its data disagree.
+comparison there) as :func:`tasks.sweep.comparison_markdown` renders it, without its title; or, for a name
+``<folder>/<file>.md``, that committed markdown file (e.g. a search's summary.md) without its first heading.
+The text around the blocks is prose and is not generated; tests/unit/test_results_doc.py fails when a block
+and its data disagree.
 """
 
 from __future__ import annotations
@@ -23,14 +25,23 @@ from tasks.sweep import RESULTS_DIR, comparison_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = "docs/results.md"
-_BLOCK = re.compile(r"(<!-- results: (?P<name>[A-Za-z0-9_.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+_BLOCK = re.compile(r"(<!-- results: (?P<name>[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+\.md)?) -->\n)(?P<body>.*?)"
+                    r"(<!-- /results -->)", re.S)
 
 
 def render(root: Path, name: str) -> str:
-    """The block for ``docs/results/<name>/comparison.json``; FileNotFoundError names the missing file."""
-    path = root / RESULTS_DIR / name / "comparison.json"
+    """The block ``name``: a comparison (``docs/results/<name>/comparison.json``) or a committed markdown file
+    (``docs/results/<folder>/<file>.md``); FileNotFoundError names the missing file."""
+    if ".." in name.split("/"):
+        raise FileNotFoundError(f"{root / DOC}: the block 'results: {name}' leaves docs/results")
+    is_file = name.endswith(".md")
+    path = root / RESULTS_DIR / (name if is_file else f"{name}/comparison.json")
     if not path.is_file():
         raise FileNotFoundError(f"{root / DOC}: the block 'results: {name}' has no data: {path} is missing")
+    if is_file:
+        lines = path.read_text().splitlines()
+        body = lines[1:] if lines and lines[0].startswith("#") else lines
+        return "\n".join(body).strip() + "\n"
     return comparison_markdown(json.loads(path.read_text()), heading=False).strip() + "\n"
 
 

@@ -95,9 +95,14 @@ def load_preset(root: Path, name: str) -> SweepSpec:
     if missing:
         raise UserError(f"{path}: preset {name!r} lacks {', '.join(missing)}")
     arms = tuple(p["arms"])
+    own = p.get("arm_params") or {}
+    if not isinstance(own, Mapping) or any(a not in arms or not isinstance(v, Mapping) for a, v in own.items()):
+        raise UserError(f"{path}: preset {name!r} arm_params: expected {{arm: {{dotted.key: value}}}} for arms among "
+                        f"{list(arms)}, got {own!r}")
     return SweepSpec(name=name, arms=arms, seeds=tuple(int(s) for s in p["seeds"]),
                      reference=p.get("reference"), params=dict(p.get("params") or {}),
                      description=str(p.get("description", "")),
+                     arm_params={a: {**dict(v), "method.name": str(v.get("method.name", a))} for a, v in own.items()},
                      contrasts=tuple(_pair(c, arms, f"{path}: preset {name!r} contrasts") for c in p.get("contrasts") or ()),
                      primary=_pair(p["primary"], arms, f"{path}: preset {name!r} primary") if p.get("primary") else None)
 
@@ -265,6 +270,18 @@ TERM_COLUMNS = {"ce": "train_ce", "kd": "train_kd", "wasserstein": "train_wasser
                 "grad_match": "train_grad_match", "weight": "weight"}
 
 
+def dose(history: Sequence[Mapping[str, Any]]) -> dict[str, Optional[float]]:
+    """The distillation weight's mean over epochs (``mean``: what ``kd_dose_matched`` matches, the curve's mean
+    over training progress) and its learning-rate-weighted mean (``lr_weighted``: sum w_e lr_e / sum lr_e, where
+    the weight moves the student as much as the step size lets it), from the per-epoch history."""
+    rows = [r for r in history if r.get("weight") is not None and r.get("lr") is not None]
+    if not rows:
+        return {"mean": None, "lr_weighted": None}
+    total_lr = sum(float(r["lr"]) for r in rows)
+    return {"mean": statistics.fmean(float(r["weight"]) for r in rows),
+            "lr_weighted": sum(float(r["weight"]) * float(r["lr"]) for r in rows) / total_lr if total_lr else None}
+
+
 def point_figures(arm: str, seed: int, paths: StagePaths, skipped: bool) -> dict[str, Any]:
     """A point's summary, from its reports and training history: final and best-validation-epoch metrics,
     the per-epoch validation curve, the per-epoch mean of every loss term and of the distillation weight
@@ -284,6 +301,7 @@ def point_figures(arm: str, seed: int, paths: StagePaths, skipped: bool) -> dict
         "val_curve": [row.get("val_accuracy") for row in history],
         "terms": {term: [row.get(column) for row in history] for term, column in TERM_COLUMNS.items()
                   if any(row.get(column) for row in history)},
+        "dose": dose(history),
         "fingerprint": (read_json(ev_info) if ev_info.is_file() else {}).get("sweep_fingerprint"),
         "torch_threads": torch.get_num_threads(),
     }
@@ -334,7 +352,9 @@ def compare(points: Sequence[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]
         mine = by_arm[arm]
         row: dict[str, Any] = {"arm": arm, "n": len(mine), "seeds": [p["seed"] for p in mine],
                                "objective": next((p.get("objective") for p in mine if p.get("objective")), None),
-                               "terms": _mean_terms(mine)}
+                               "terms": _mean_terms(mine),
+                               "dose": {k: _stat([(p.get("dose") or {}).get(k) for p in mine])["mean"]
+                                        for k in ("mean", "lr_weighted")}}
         for metric in METRICS:
             row[metric] = _stat([p.get(metric) for p in mine])
         if spec.reference is not None and arm != spec.reference:
@@ -445,11 +465,13 @@ def comparison_markdown(table: Mapping[str, Any], heading: bool = True) -> str:
     lines += ["", "Unmatched seeds (left out of a paired difference): " + ("; ".join(unmatched) or "none") + "."]
     if any(any(v is not None for v in (r.get("terms") or {}).values()) for r in table["arms"]):
         lines += ["", "Loss terms as trained (per-epoch means of the unweighted terms and of the distillation weight, "
-                  "averaged over epochs and seeds; the objective adds weight x term):", "",
-                  "| arm | CE | KD | W | GM | weight |", "|---|---|---|---|---|---|"]
+                  "averaged over epochs and seeds; the objective adds weight x term; the weight's learning-rate-"
+                  "weighted mean is sum w_e lr_e / sum lr_e over epochs):", "",
+                  "| arm | CE | KD | W | GM | weight | weight (lr-weighted) |", "|---|---|---|---|---|---|---|"]
         for r in table["arms"]:
             t = r.get("terms") or {}
-            lines.append(f"| `{r['arm']}` | " + " | ".join(_num(t.get(k), 4) for k in TERM_COLUMNS) + " |")
+            lines.append(f"| `{r['arm']}` | " + " | ".join(_num(t.get(k), 4) for k in TERM_COLUMNS) +
+                         f" | {_num((r.get('dose') or {}).get('lr_weighted'), 4)} |")
     lines += ["", "Objectives as run:", ""]
     lines += [f"- `{r['arm']}`: {r['objective'] or '-'}" for r in table["arms"]]
     hw = table["hardware"]

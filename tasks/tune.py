@@ -19,7 +19,7 @@ import hashlib
 import logging
 import math
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -137,6 +137,7 @@ class TrialContext:
     folder: Path
     parent_run_id: Optional[str] = None
     pruner: Optional[optuna.pruners.BasePruner] = None  # default: open_study's median pruner
+    fixed: Mapping[str, Any] = field(default_factory=dict)  # the preset's own overrides of this arm (arm_params)
 
 
 def run_trials(ctx: TrialContext, study_name: str, storage: str, n_trials: int, budget: int, worker: int = 0) -> int:
@@ -147,7 +148,7 @@ def run_trials(ctx: TrialContext, study_name: str, storage: str, n_trials: int, 
     if finished(study) >= budget:
         return 0
     paths = StagePaths(ctx.folder)
-    base = load_params_checked(ctx.folder / PARAMS_FILE, {"method.name": ctx.method}, check_dataset=False)
+    base = load_params_checked(ctx.folder / PARAMS_FILE, {**ctx.fixed, "method.name": ctx.method}, check_dataset=False)
     data = load_prepared_checked(paths.input(PREPARED))
     teacher = None
     if method_spec(ctx.method).needs_teacher:
@@ -161,7 +162,7 @@ def run_trials(ctx: TrialContext, study_name: str, storage: str, n_trials: int, 
         nonlocal ran
         ran += 1
         overrides = trial_overrides(ctx.method, trial)
-        params = load_params_checked(ctx.folder / PARAMS_FILE, overrides, check_dataset=False)
+        params = load_params_checked(ctx.folder / PARAMS_FILE, {**ctx.fixed, **overrides}, check_dataset=False)
         run = tracking.StageRun(None, None)
         if client is not None:
             experiment = client.get_run(ctx.parent_run_id).info.experiment_id

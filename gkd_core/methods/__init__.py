@@ -36,6 +36,7 @@ METHODS: dict[str, MethodSpec] = {
     "gompertz_kd": gompertz.GOMPERTZ_KD,
     "full_constant": gompertz.FULL_CONSTANT,
     "kd_dose_matched": gompertz.KD_DOSE_MATCHED,
+    "gompertz_kd_dose_matched": gompertz.GOMPERTZ_KD_DOSE_MATCHED,
     "adaptive_gompertz": gompertz.ADAPTIVE_GOMPERTZ,
     "dynamic_kd": dynamic_kd.SPEC,
     "akd": akd.SPEC,

@@ -6,6 +6,7 @@
 | ``gompertz_kd`` | CE + w(p) KD, the same Gompertz curve on Hinton KD only (is it the curve or the extra terms?) |
 | ``full_constant`` | CE + a [l_kd KD + l_w W + l_g GM]: the full objective at a constant weight (is it the curve?) |
 | ``kd_dose_matched`` | CE + mean(w) KD: constant KD at the mean weight of ``method.gompertz``'s curve, computed, so a Gompertz-vs-KD difference is not a difference in total dose |
+| ``gompertz_kd_dose_matched`` | CE + (a_kd / mean(shape)) shape(p) KD: ``method.gompertz``'s curve shape on Hinton KD, scaled so its mean weight is ``kd``'s (``method.kd.a``): the dose control the other way round |
 | ``adaptive_gompertz`` | the full objective, its Gompertz weight re-timed online to the student's validation curve |
 """
 
@@ -74,6 +75,19 @@ KD_DOSE_MATCHED = MethodSpec(
     "kd_dose_matched", "ablation: constant KD at the mean weight of method.gompertz's curve",
     params=DoseMatchedParams, terms=("kd",),
     schedule=lambda _, method: ConstantSchedule(a=schedule_mean(_curve(method.gompertz))),
+)
+
+def _at_kd_dose(method: object) -> GompertzSchedule:
+    """``method.gompertz``'s curve (b, c: its shape) with ``a`` chosen so that its mean weight over training is
+    ``method.kd.a``: w(p) = a' exp(-b exp(-c p)), a' = a_kd / mean(exp(-b exp(-c p)))."""
+    g = method.gompertz  # type: ignore[attr-defined]
+    shape_mean = schedule_mean(GompertzSchedule(a=1.0, b=g.b, c=g.c))
+    return GompertzSchedule(a=method.kd.a / shape_mean, b=g.b, c=g.c)  # type: ignore[attr-defined]
+
+
+GOMPERTZ_KD_DOSE_MATCHED = MethodSpec(
+    "gompertz_kd_dose_matched", "ablation: method.gompertz's curve on Hinton KD, scaled to kd's mean weight",
+    params=DoseMatchedParams, terms=("kd",), schedule=lambda _, method: _at_kd_dose(method),
 )
 ADAPTIVE_GOMPERTZ = MethodSpec(
     "adaptive_gompertz", "ours: the full objective, Gompertz weight re-timed to the student's validation curve",

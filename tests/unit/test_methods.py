@@ -77,7 +77,8 @@ def recompute_total(out, c: Cfg):
 def test_registry_is_a_plain_dict_of_specs():
     assert type(METHODS) is dict and all(isinstance(s, MethodSpec) and s.name == n for n, s in METHODS.items())
     assert list(METHODS) == ["none", "kd", "linear", "cosine", "logistic", "gompertz", "gompertz_kd", "full_constant",
-                             "kd_dose_matched", "adaptive_gompertz", "dynamic_kd", "akd", "ces_kd"]
+                             "kd_dose_matched", "gompertz_kd_dose_matched", "adaptive_gompertz", "dynamic_kd", "akd",
+                             "ces_kd"]
     classes = {n: method_module(s) for n, s in METHODS.items()}
     assert classes["dynamic_kd"] is DynamicKDDistiller and classes["akd"] is AKDDistiller
     assert classes["ces_kd"] is CESKDDistiller and classes["gompertz"] is Distiller and METHODS["gompertz"].distiller is None
@@ -583,6 +584,21 @@ def test_dose_matched_kd_weight_is_the_gompertz_schedules_mean():
     default = method_schedule(MethodConfig(name="kd_dose_matched")).weight(0.5)
     assert default == pytest.approx(schedule_mean(GompertzSchedule(b=4.6052, c=5.0906)))  # from method.gompertz
     assert default != pytest.approx(expected)
+
+
+def test_gompertz_at_kd_dose_has_the_curves_shape_and_kds_mean_weight():
+    """The dose control the other way round: method.gompertz's shape (b, c), scaled so the mean weight is kd's a."""
+    from gkd_core.methods import method_schedule
+    from gkd_core.schedules import GompertzSchedule, schedule_mean
+
+    method = MethodConfig(name="gompertz_kd_dose_matched", gompertz={"a": 3.0, "b": 4.6052, "c": 7.6}, kd={"a": 0.8})
+    schedule = method_schedule(method)
+    assert schedule_mean(schedule) == pytest.approx(0.8, rel=1e-6)
+    shape = GompertzSchedule(a=1.0, b=4.6052, c=7.6)  # gompertz's own a (3.0) plays no part: only its shape
+    ratios = {round(schedule.weight(p) / shape.weight(p), 9) for p in (0.1, 0.3, 0.5, 0.9)}
+    assert len(ratios) == 1 and ratios.pop() == pytest.approx(0.8 / schedule_mean(shape))
+    student, teacher, *_ = make()
+    assert build_distiller(method, cfg().losses, student, teacher).terms == ("kd",)
 
 
 def test_kd_computes_neither_wasserstein_nor_gradient_matching():

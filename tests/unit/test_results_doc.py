@@ -49,6 +49,13 @@ def test_write_fills_the_blocks_and_check_catches_an_edited_number(tmp_path: Pat
     assert proc.returncode == 1 and "['demo']" in proc.stderr
 
 
+def test_a_committed_markdown_file_is_embedded_without_its_heading(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    (root / "docs/results/demo/summary.md").write_text("# Tuning demo\n\n| method | best |\n|---|---|\n| `kd` | 0.9 |\n")
+    (root / DOC).write_text("<!-- results: demo/summary.md -->\n<!-- /results -->\n")
+    assert generated(root)[1] == "<!-- results: demo/summary.md -->\n| method | best |\n|---|---|\n| `kd` | 0.9 |\n<!-- /results -->\n"
+
+
 def test_a_block_without_its_data_is_named(tmp_path: Path) -> None:
     root = _project(tmp_path)
     (root / DOC).write_text("<!-- results: gone -->\nx\n<!-- /results -->\n")

@@ -163,3 +163,33 @@ def test_a_point_is_stale_when_its_code_or_its_teacher_changes(tmp_path, monkeyp
     monkeypatch.undo()
     (tmp_path / "reports/info/teacher.json").write_text(json.dumps({"sweep_fingerprint": "t2"}))
     assert fp() != first
+
+
+def test_preset_arm_params_reach_the_arm_and_its_tuned_twin(tmp_path):
+    (tmp_path / "sweeps.yaml").write_text(
+        "presets:\n  p:\n    arms: [kd, gompertz]\n    seeds: [0]\n    primary: [gompertz, kd]\n"
+        "    arm_params:\n      gompertz: {losses.grad_match.variant: input, runtime.cache_teacher: false}\n")
+    (tmp_path / "reports/tune/p").mkdir(parents=True)
+    (tmp_path / "reports/tune/p/tuned.yaml").write_text(
+        "methods:\n  gompertz: {overrides: {method.gompertz.a: 2.0}}\n  kd: {overrides: {method.kd.a: 0.5}}\n")
+    spec = build_spec(tmp_path, "p", None, None, None, None, None, tuned=True)
+    assert spec.arm_params["gompertz"] == {"losses.grad_match.variant": "input", "runtime.cache_teacher": False,
+                                           "method.name": "gompertz"}
+    assert spec.arm_params["gompertz-tuned"] == {"losses.grad_match.variant": "input", "runtime.cache_teacher": False,
+                                                 "method.gompertz.a": 2.0, "method.name": "gompertz"}
+    assert spec.arm_params["kd-tuned"] == {"method.kd.a": 0.5, "method.name": "kd"}
+    assert spec.comparisons() == [("gompertz", "kd"), ("gompertz-tuned", "gompertz"), ("kd-tuned", "kd"),
+                                  ("gompertz-tuned", "kd-tuned")]
+    (tmp_path / "sweeps.yaml").write_text("presets:\n  p:\n    arms: [kd]\n    seeds: [0]\n    arm_params: {akd: {}}\n")
+    with pytest.raises(UserError, match="arm_params: expected"):
+        load_preset(tmp_path, "p")
+
+
+def test_dose_is_the_weights_plain_and_learning_rate_weighted_mean():
+    from tasks.sweep import dose
+
+    history = [{"weight": 0.0, "lr": 0.1}, {"weight": 0.5, "lr": 0.05}, {"weight": 1.0, "lr": 0.01}]
+    d = dose(history)
+    assert d["mean"] == pytest.approx(0.5)
+    assert d["lr_weighted"] == pytest.approx((0.5 * 0.05 + 1.0 * 0.01) / 0.16)  # late weight, small steps: 0.219
+    assert dose([]) == {"mean": None, "lr_weighted": None}
