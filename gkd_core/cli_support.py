@@ -15,6 +15,7 @@ from gkd_core.checkpoints import CheckpointError
 from gkd_core.config import ConfigError, Params, load_params
 from gkd_core.data import DatasetError, check_dataset_source
 from gkd_core.guard import NonFiniteLossError
+from gkd_core.methods.spec import MethodSetupError
 from gkd_core.io import write_json
 
 USER_ERROR_EXIT_CODE = 2  # bad input: fix it, rerunning the same command fails the same way
@@ -62,12 +63,12 @@ def _to_stderr(message: str) -> None:
 def run_cli(body: Callable[[], Any], report: Callable[[str], Any] = _to_stderr) -> Any:
     """Run a command body and return its result. A failure that rerunning cannot fix ends the command with one
     message passed to ``report`` (default: ``error: <message>`` on stderr), no traceback, and its exit code:
-    bad input (:class:`UserError`, an unusable checkpoint) exits 2, a run that went non-finite exits 3. With
+    bad input (:class:`UserError`, an unusable checkpoint, a method that cannot be set up) exits 2, a run that went non-finite exits 3. With
     ``$GKD_ERROR_FILE`` set, the same facts are written there as JSON (the flows read them: no retry, and the
     cause is the last line the user sees)."""
     try:
         return body()
-    except (UserError, CheckpointError) as err:
+    except (UserError, CheckpointError, MethodSetupError) as err:
         _fail(str(err), "user_input", USER_ERROR_EXIT_CODE, report)
     except NonFiniteLossError as err:
         _fail(str(err), "non_finite", DIVERGED_EXIT_CODE, report)

@@ -88,9 +88,13 @@ def _train(
                     result.summary["final_val_accuracy"])
         return result.model
 
+    def val_accuracy(net: nn.Module) -> float:
+        logits, y = predict_split(net, data, "val", str(device))
+        return float((logits.argmax(-1) == y).float().mean())
+
     distiller = build_distiller(method, params.losses, student, teacher,
                                 label_smoothing=net_cfg.train.label_smoothing, seed=params.seed,
-                                train_alone=train_alone)
+                                train_alone=train_alone, val_accuracy=val_accuracy)
     use_cl = rt.channels_last and device.type == "cuda"
     # validated in config: cache_teacher comes with augmentation off and no input-gradient matching
     cache = rt.cache_teacher and teacher is not None and distiller.distill

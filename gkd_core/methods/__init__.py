@@ -80,16 +80,19 @@ def build_distiller(
     seed: int = 0,
     train_alone: Optional[Callable[[ModelConfig, str], nn.Module]] = None,
     schedule: Optional[Schedule] = None,
+    val_accuracy: Optional[Callable[[nn.Module], float]] = None,
 ) -> Distiller:
     """The module of ``method_cfg.name`` (a ``method`` section of :class:`~gkd_core.config.Params`).
 
     ``train_alone(model_cfg, label)`` trains a network alone on the run's data (methods with helper networks,
-    e.g. CES-KD's assistants, call it); ``schedule`` overrides the method's own (benchmarks)."""
+    e.g. CES-KD's assistants, call it); ``val_accuracy(net)`` measures a network on the validation split
+    (CES-KD checks its ladder with it); ``schedule`` overrides the method's own (benchmarks)."""
     spec = method_spec(method_cfg.name)
     ctx = MethodContext(
         student=student, teacher=teacher, params=method_block(method_cfg), losses=losses_cfg,
         schedule=schedule if schedule is not None else method_schedule(method_cfg),
         weights=method_weights(method_cfg), label_smoothing=label_smoothing, seed=seed, train_alone=train_alone,
+        val_accuracy=val_accuracy,
     )
     if spec.needs_teacher and teacher is None:
         raise ValueError(f"method {spec.name!r} needs a teacher (only a method without one trains a model alone)")

@@ -7,7 +7,9 @@ images better from a low-capacity teacher and hard ones from a high-capacity one
 Our reading, fully vectorised (no per-sample Python):
 
 - The ladder is ``assistants`` (smallest first; each trained alone with CE on the student's budget when the
-  method is built) followed by the main teacher: K experts in all.
+  method is built) followed by the main teacher: K experts in all. Built inside a run, the ladder must not fall:
+  no expert's validation accuracy above the next one's, else the run stops with one line (an assistant
+  that beats the teacher makes "a larger expert for harder images" meaningless).
 - Difficulty of each image = the main teacher's cross-entropy on it (detached). Its rank ``r`` in [0, 1)
   (0 = easiest) is taken against a *reference*: the difficulties of the last 4,096 training images seen
   before this batch (``routing: reference``, the default), so an image's expert depends on the image (and the
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 from gkd_core import distributed
 from gkd_core.losses import kd_loss
 from gkd_core.methods.base import Batch, Distiller, MethodContext, MethodSpec, Objective
+from gkd_core.methods.spec import MethodSetupError
 from gkd_core.schedules import ConstantSchedule
 from gkd_core.sections import ModelConfig, Strict
 
@@ -68,6 +71,16 @@ def expert_index(difficulty: Tensor, progress: float, n_experts: int, pace: floa
     rank = torch.searchsorted(ordered, difficulty.detach().float().contiguous()).to(torch.float32) / ordered.numel()
     top = min(1.0, 1.0 / n_experts + (1.0 - 1.0 / n_experts) * progress / pace)
     return (rank * top * n_experts).floor().long().clamp_(max=n_experts - 1)
+
+
+def check_ladder(rungs: Sequence[tuple[str, float]]) -> None:
+    """Refuse an inverted ladder in one line: no expert (smallest first, the teacher last) may reach a higher
+    validation accuracy than the one above it, or the curriculum is not the test it is meant to be."""
+    for (low, low_acc), (high, high_acc) in zip(rungs, rungs[1:]):
+        if low_acc > high_acc:
+            raise MethodSetupError(f"CES-KD's ladder is inverted: {low} reaches validation accuracy {low_acc:.4f}, above "
+                             f"{high}'s {high_acc:.4f}; use smaller assistants (method.ces_kd.assistants) or a "
+                             "better-trained teacher")
 
 
 class CESKDDistiller(Distiller):
@@ -106,6 +119,10 @@ class CESKDDistiller(Distiller):
         if ctx.train_alone is None:
             raise ValueError("CES-KD trains its teacher assistants first: the context needs train_alone")
         assistants = [ctx.train_alone(m, f"assistant[{i}]") for i, m in enumerate(params.assistants)]
+        if ctx.val_accuracy is not None and ctx.teacher is not None:
+            check_ladder([(f"assistant[{i}] ({m.name} x{m.width:g})", ctx.val_accuracy(a))
+                          for i, (m, a) in enumerate(zip(params.assistants, assistants))] +
+                         [("the teacher", ctx.val_accuracy(ctx.teacher))])
         return cls(ctx.student, ctx.teacher, ctx.schedule, ctx.losses, terms=spec.terms, weights=ctx.weights,
                    metrics=spec.metrics, params=params, label_smoothing=ctx.label_smoothing, seed=ctx.seed,
                    assistants=assistants)

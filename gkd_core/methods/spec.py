@@ -25,6 +25,11 @@ TERMS = ("kd", "wasserstein", "grad_match")
 # --- declaration -----------------------------------------------------------------------------------------
 
 
+class MethodSetupError(ValueError):
+    """A method cannot be built from what the run gave it, and the user can fix that (e.g. CES-KD's inverted
+    ladder): command lines report it in one line, as bad input (exit 2), never retried."""
+
+
 @dataclass(frozen=True)
 class MethodContext:
     """What building a method's module may use: the networks, the run's settings, and a way to train a
@@ -39,6 +44,7 @@ class MethodContext:
     label_smoothing: float = 0.0
     seed: int = 0
     train_alone: Optional[Callable[[ModelConfig, str], nn.Module]] = None  # (model config, label) -> trained net
+    val_accuracy: Optional[Callable[[nn.Module], float]] = None  # a network's accuracy on the validation split
 
 
 @dataclass(frozen=True)

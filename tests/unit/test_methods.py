@@ -509,6 +509,30 @@ def test_ceskd_distiller_uses_assistants_and_trains_student_only():
     assert 0.0 < float(late["expert_level"]) <= 1.0
 
 
+def test_ceskd_refuses_an_inverted_ladder_in_one_line():
+    student, teacher, assistant = (build_model("digits_cnn", 10, 1, width=w) for w in (0.5, 2.0, 1.0))
+    accuracy = {id(teacher): 0.883, id(assistant): 0.895}  # the Fashion-MNIST sweep's ladder
+    with pytest.raises(ValueError, match=r"^CES-KD's ladder is inverted: assistant\[0\] \(digits_cnn x1\) reaches "
+                                         r"validation accuracy 0.8950, above the teacher's 0.8830; ") as err:
+        build_distiller(MethodConfig(name="ces_kd"), LossesConfig(), student, teacher,
+                        train_alone=lambda model_cfg, label: assistant, val_accuracy=lambda net: accuracy[id(net)])
+    assert "\n" not in str(err.value)
+    import typer
+
+    from gkd_core.cli_support import run_cli
+
+    lines = []
+    with pytest.raises(typer.Exit) as exit_:  # on a command line: one line, exit 2 (bad input), no traceback
+        run_cli(lambda: build_distiller(MethodConfig(name="ces_kd"), LossesConfig(), student, teacher,
+                                        train_alone=lambda model_cfg, label: assistant,
+                                        val_accuracy=lambda net: accuracy[id(net)]), report=lines.append)
+    assert exit_.value.exit_code == 2 and len(lines) == 1 and lines[0].startswith("CES-KD's ladder is inverted")
+    accuracy[id(assistant)] = 0.85  # a rising ladder builds
+    d = build_distiller(MethodConfig(name="ces_kd"), LossesConfig(), student, teacher,
+                        train_alone=lambda model_cfg, label: assistant, val_accuracy=lambda net: accuracy[id(net)])
+    assert list(d.assistants) == [assistant]
+
+
 def test_ceskd_without_assistants_is_refused():
     with pytest.raises(ValueError, match="assistant"):
         CESKDDistiller(build_model("digits_cnn", 10, 1), build_model("digits_cnn", 10, 1), ConstantSchedule())
