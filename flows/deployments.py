@@ -12,6 +12,7 @@
 | gkd-sweep-point/gpu   | one sweep point | gpu | none: dispatched by the sweep (gpu_dispatch="deployment") |
 | gkd-promote/daily     | promote       | cpu  | 06:30 daily             |
 | gkd-tune/tune-fashion-mnist | tune    | cpu  | none: manual trigger (its trials in the worker's processes) |
+| gkd-tune-trials/gpu   | a share of a study's trials | gpu | none: dispatched by tune (gpu_dispatch="deployment") |
 
 The scheduled deployments run one at a time each (a run that would overlap the previous one is cancelled,
 ``CANCEL_NEW``); each flow stops at its limit in the ``timeouts`` of the worker's params.yaml; a GPU stage or point past ``timeouts.gpu_stage`` is
@@ -43,7 +44,7 @@ from flows.pipeline import pipeline, stage_flow
 from flows.prefect_tasks import ensure_promotion_limit
 from flows.promote import promote
 from flows.sweep import sweep, sweep_point_flow
-from flows.tune import tune
+from flows.tune import tune, tune_trials_flow
 from tasks.cli import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def build_deployments(project_dir: Optional[str] = None) -> list[RunnerDeploymen
                                 **common),
         sweep_point_flow.to_deployment(name="gpu", work_pool_name="gpu", tags=["gpu"],
                                        description="One sweep point (arm x seed) on a GPU worker.", **common),
+        tune_trials_flow.to_deployment(name="gpu", work_pool_name="gpu", tags=["gpu"],
+                                       description="A share of one Optuna study's trials on a GPU worker.", **common),
         sweep.to_deployment(
             name="weekly", cron="0 4 * * 0", work_pool_name="cpu", tags=["cpu"],
             parameters={"preset": "fashion-mnist", "gpu_dispatch": "deployment"},

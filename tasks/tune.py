@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +101,12 @@ def trial_overrides(method: str, trial: optuna.Trial) -> dict[str, Any]:
     return {"method.name": method, **_shared(trial), **search_space(method)(trial)}
 
 
+STORAGE_ENV = "GKD_OPTUNA_STORAGE"  # the storage every machine of a search shares (compose.yaml: its PostgreSQL)
+
+
 def storage_url(root: Path, given: Optional[str]) -> str:
-    return given or f"sqlite:///{(root / STORAGE_FILE).resolve()}"
+    """``given``, else ``$GKD_OPTUNA_STORAGE``, else ``sqlite:///<root>/optuna.db``."""
+    return given or os.environ.get(STORAGE_ENV, "").strip() or f"sqlite:///{(root / STORAGE_FILE).resolve()}"
 
 
 def open_study(name: str, storage: str, seed: int = 0, pruner: Optional[optuna.pruners.BasePruner] = None

@@ -26,6 +26,10 @@ HOSTILE = [  # (deployment, parameters, what the failed run's message must say)
     ("gkd-stage/gpu", {"stage": "train_teacher", "project_dir": "/"},
      "project_dir='/': a run created through a deployment must stay inside this worker's project"),
     ("gkd-stage/gpu", {"stage": "../../x"}, "stage='../../x': expected one of prepare_data"),
+    ("gkd-tune-trials/gpu", {"preset": "../..", "method": "kd", "n_trials": 1, "budget": 1},
+     "preset='../..': expected a name"),
+    ("gkd-tune-trials/gpu", {"preset": "digits-smoke", "method": "kd", "n_trials": 10 ** 9, "budget": 1},
+     "n_trials=1000000000, budget=1, worker=0: expected 1..10000"),
     ("gkd-stage/gpu", {"stage": "train_teacher", "parent_run_id": "x' OR 1=1"},
      "parent_run_id=\"x' OR 1=1\": expected an MLflow run id"),
 ]

@@ -22,10 +22,10 @@ def test_deployments_have_schedules_and_pools(prefect_harness: None) -> None:
             flow = client.read_flow(d.flow_id)
             deployments[f"{flow.name}/{d.name}"] = d
     assert set(deployments) == {"gkd-pipeline/nightly", "gkd-stage/gpu", "gkd-sweep/weekly", "gkd-sweep-point/gpu",
-                                "gkd-promote/daily", "gkd-tune/tune-fashion-mnist"}
+                                "gkd-promote/daily", "gkd-tune/tune-fashion-mnist", "gkd-tune-trials/gpu"}
     pools_of = {k: d.work_pool_name for k, d in deployments.items()}
     assert pools_of == {"gkd-pipeline/nightly": "cpu", "gkd-stage/gpu": "gpu", "gkd-sweep/weekly": "cpu", "gkd-sweep-point/gpu": "gpu",
-                        "gkd-promote/daily": "cpu", "gkd-tune/tune-fashion-mnist": "cpu"}
+                        "gkd-promote/daily": "cpu", "gkd-tune/tune-fashion-mnist": "cpu", "gkd-tune-trials/gpu": "gpu"}
     crons = {k: [s.schedule.cron for s in d.schedules] for k, d in deployments.items()}
     assert crons["gkd-pipeline/nightly"] == ["0 2 * * *"] and crons["gkd-stage/gpu"] == []
     assert crons["gkd-sweep/weekly"] == ["0 4 * * 0"] and crons["gkd-promote/daily"] == ["30 6 * * *"]

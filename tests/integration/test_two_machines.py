@@ -56,6 +56,7 @@ class Fleet:
     logs: Path
     runs: Path  # where the gpu workers make each run's checkout ($GKD_RUNS_DIR)
     gpu_head: str  # the gpu box's checkout before any run
+    optuna: str  # the Optuna storage both boxes are configured with ($GKD_OPTUNA_STORAGE)
 
     def assert_gpu_checkout_untouched(self) -> None:
         """The checkout a person works in: same HEAD, the same uncommitted edit, no outputs, nothing new."""
@@ -88,7 +89,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             from flows.deployments import apply_deployments
 
             apply_deployments(None, gpus=2)
-        common = {"MLFLOW_TRACKING_URI": tracking_url}
+        optuna_url = f"sqlite:///{tmp / 'optuna-shared.db'}"  # one file both "machines" reach, as a database would be
+        common = {"MLFLOW_TRACKING_URI": tracking_url, "GKD_OPTUNA_STORAGE": optuna_url}
         gpu_env = {**common, "GKD_PROJECT_DIR": str(gpu), "GKD_RUNS_DIR": str(runs)}
         with prefect_worker(server, ["--pool", "cpu", "--limit", "1"], logs, name="cpu-worker",
                             extra_env={**common, "GKD_PROJECT_DIR": str(cpu)}), \
@@ -96,7 +98,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                                name="gpu-0-worker", extra_env=gpu_env), \
                 prefect_worker(server, ["--pool", "gpu", "--limit", "1", "--name", "gpu-1"], logs,
                                name="gpu-1-worker", extra_env=gpu_env):
-            yield Fleet(cpu, gpu, remote, server, tracking_url, logs, runs, gpu_head)
+            yield Fleet(cpu, gpu, remote, server, tracking_url, logs, runs, gpu_head, optuna_url)
 
 
 def _worker_logs(fleet: Fleet) -> str:
@@ -190,6 +192,38 @@ def test_two_gpu_workers_on_one_box_take_two_sweep_points_at_once(fleet: Fleet,
     fleet.assert_gpu_checkout_untouched()
     assert (cpu / "reports/sweep/fleet/comparison.md").is_file()
     assert any((fleet.remote / "gkd-sweeps" / "fleet").rglob("teacher.pt"))
+
+
+def test_a_search_runs_its_trials_on_the_gpu_workers(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flows.tune with gpu_dispatch="deployment": the preset's data and teacher travel through the remote, each
+    worker's share of the study runs on the gpu pool in a checkout of its own, both add to the one study of the
+    shared storage; the tuned settings are written on the orchestrating side."""
+    import optuna
+    from prefect.client.orchestration import get_client
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.tune import tune
+
+    cpu = fleet.cpu
+    if not (cpu / "sweeps.yaml").is_file() or git(cpu, "status", "--porcelain", "sweeps.yaml").stdout.strip():
+        (cpu / "sweeps.yaml").write_text((REPO / "sweeps.yaml").read_text())
+        commit_all(cpu, "sweep presets for the search")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fleet.tracking_url)
+    monkeypatch.setenv("GKD_OPTUNA_STORAGE", fleet.optuna)
+    with fleet.server.client_settings():
+        result = tune.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))(
+            "digits-smoke", ["kd"], 2, 2, None, {"student.train.epochs": 1}, str(cpu), "deployment")
+        with get_client(sync_client=True) as client:
+            shares = [r for r in client.read_flow_runs() if r.work_pool_name == "gpu"
+                      and r.parameters.get("method") == "kd" and "n_trials" in r.parameters]
+    study = optuna.load_study(study_name="tune-digits-smoke-kd", storage=fleet.optuna)
+    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 2, study.trials
+    assert len(shares) == 2 and all(r.state and r.state.is_completed() for r in shares), _worker_logs(fleet)
+    assert {r.parameters["worker"] for r in shares} == {0, 1}
+    assert result["studies"]["kd"]["complete"] + result["studies"]["kd"]["pruned"] == 2
+    assert "method.kd.a" in (cpu / "reports/tune/digits-smoke/tuned.yaml").read_text()
+    assert any((fleet.remote / "gkd-sweeps" / "digits-smoke").rglob("teacher.pt"))
+    fleet.assert_gpu_checkout_untouched()
 
 
 def test_a_worker_checkout_without_the_dvc_remote_is_one_line(tmp_path: Path, prefect_harness: None) -> None:
