@@ -416,6 +416,25 @@ def _diff(d: Optional[Mapping[str, Any]]) -> str:
     return f"{d['mean'] * 100:+.2f}{interval}"
 
 
+def kd_resolution(table: Mapping[str, Any]) -> Optional[str]:
+    """Whether the sweep can tell KD variants apart: distillation itself (``kd`` - ``none``, a contrast or the
+    reference difference) must be resolved at its seeds, else differences between KD variants tie by
+    construction. None when the sweep has no such comparison."""
+    found = next((c["test_accuracy"] for c in table.get("contrasts") or () if (c["a"], c["b"]) == ("kd", "none")), None)
+    if found is None and table.get("reference") == "kd":
+        found = next(((r.get("vs_reference") or {}).get("test_accuracy") for r in table["arms"] if r["arm"] == "none"),
+                     None)
+        found = {**found, "ci95": [-found["ci95"][1], -found["ci95"][0]]} if found and found.get("ci95") else None
+    if not found or not found.get("ci95"):
+        return None
+    lo, hi = found["ci95"]
+    if lo > 0:
+        return f"Distillation itself is resolved here (`kd` - `none` {lo * 100:+.2f} to {hi * 100:+.2f} points)."
+    return (f"**This sweep cannot tell KD variants apart**: distillation itself is not resolved at these seeds "
+            f"(`kd` - `none` {lo * 100:+.2f} to {hi * 100:+.2f} points), so every difference between KD variants "
+            "ties by construction.")
+
+
 def _points(d: Optional[Mapping[str, Any]]) -> str:
     return "-" if not d or not d.get("values") else ", ".join(f"{v * 100:+.2f}" for v in d["values"])
 
@@ -463,6 +482,9 @@ def comparison_markdown(table: Mapping[str, Any], heading: bool = True) -> str:
             lines.append(f"| `{c['a']}` | `{c['b']}` | {c['label']} | {final['n']} | {_diff(final)} | "
                          f"{_diff(c['best_val_test_accuracy'])} | {_points(final)} |")
     lines += ["", "Unmatched seeds (left out of a paired difference): " + ("; ".join(unmatched) or "none") + "."]
+    resolution = kd_resolution(table)
+    if resolution:
+        lines += ["", resolution]
     if any(any(v is not None for v in (r.get("terms") or {}).values()) for r in table["arms"]):
         lines += ["", "Loss terms as trained (per-epoch means of the unweighted terms and of the distillation weight, "
                   "averaged over epochs and seeds; the objective adds weight x term; the weight's learning-rate-"

@@ -193,3 +193,19 @@ def test_dose_is_the_weights_plain_and_learning_rate_weighted_mean():
     assert d["mean"] == pytest.approx(0.5)
     assert d["lr_weighted"] == pytest.approx((0.5 * 0.05 + 1.0 * 0.01) / 0.16)  # late weight, small steps: 0.219
     assert dose([]) == {"mean": None, "lr_weighted": None}
+
+
+def test_the_table_says_whether_distillation_itself_is_resolved():
+    from tasks.sweep import kd_resolution
+
+    spec = SweepSpec(name="t", arms=("none", "kd"), seeds=(0, 1, 2), reference="kd", contrasts=(("kd", "none"),))
+    clear = {("none", 0): 0.80, ("none", 1): 0.81, ("none", 2): 0.805, ("kd", 0): 0.85, ("kd", 1): 0.861,
+             ("kd", 2): 0.853}
+    assert kd_resolution(compare(_points(clear), spec)).startswith("Distillation itself is resolved here")
+    tied = {**clear, ("kd", 0): 0.79, ("kd", 1): 0.83, ("kd", 2): 0.80}
+    md = comparison_markdown(compare(_points(tied), spec))
+    assert "**This sweep cannot tell KD variants apart**" in md
+    # without the contrast, the reference difference (none - kd) says the same, mirrored
+    no_contrast = SweepSpec(name="t", arms=("none", "kd"), seeds=(0, 1, 2), reference="kd")
+    assert "cannot tell" in kd_resolution(compare(_points(tied), no_contrast))
+    assert kd_resolution(compare(_points(clear), SweepSpec(name="t", arms=("kd",), seeds=(0,), reference=None))) is None
