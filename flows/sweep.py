@@ -154,7 +154,7 @@ def _sweep_points(root: Path, spec: SweepSpec, threads_per_worker: Optional[int]
         "gkd.flow": "sweep", "sweep": spec.name, "arms": ",".join(spec.arms), "seeds": ",".join(map(str, spec.seeds))})
     status = "FAILED"
     try:
-        shared = shared_stages(root, spec, parent)
+        shared = shared_stages(root, spec, parent, share_cache=gpu_dispatch == "local")
         log.info("sweep %s: data and teacher %s (teacher test accuracy %.4f)", spec.name,
                  "prepared now" if shared["ran"] else "reused", shared["teacher"].get("test_accuracy", float("nan")))
         if gpu_dispatch == "deployment":

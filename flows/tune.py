@@ -179,7 +179,7 @@ def tune(preset: str, methods: Optional[list[str]] = None, trials: int = 20, wor
             handoff.env_var("MLFLOW_TRACKING_URI", tracking_env):
         params_file = write_sweep_params(root, spec)
         params = load_params_checked(params_file, check_dataset=False)
-        shared_stages(root, spec)
+        shared_stages(root, spec, share_cache=gpu_dispatch == "local")
         commit = None
         if gpu_dispatch == "deployment":
             if url.startswith("sqlite:") and not os.environ.get(tuning.STORAGE_ENV):

@@ -31,7 +31,7 @@ from gkd_core.engine import (
     resolve_device,
     seed_everything,
 )
-from gkd_core.methods import build_distiller, compute_teacher_cache, describe_objective, method_spec
+from gkd_core.methods import build_distiller, compute_teacher_cache, describe_objective, load_teacher_cache, method_spec
 from gkd_core.metrics import classification_report
 from gkd_core.modelfile import read_model, save_model
 from gkd_core.schedules import Schedule
@@ -60,8 +60,11 @@ def _train(
     params: ParamsBase, data: PreparedData, net_cfg: NetConfig, method: Any, teacher: Optional[nn.Module],
     checkpoint_path: str | Path | None, callbacks: Sequence[Callback], resume: bool, desc: str,
     stop_after_epochs: Optional[int] = None, on_checkpoint: Optional[Callable[[Path], None]] = None,
+    teacher_cache: Optional[tuple[Path, dict[str, Any]]] = None,
 ) -> RunResult:
-    """Train ``net_cfg``'s network under ``method`` (a ``method`` section; its registry spec decides the rest)."""
+    """Train ``net_cfg``'s network under ``method`` (a ``method`` section; its registry spec decides the rest).
+    ``teacher_cache`` (a file and what it must have been computed from) replaces computing the cache when
+    ``runtime.cache_teacher`` is on and the file matches."""
     rt = params.runtime
     device = distributed.init_from_env(resolve_device(rt.device))  # a no-op without torchrun
     rank, world = distributed.rank(), distributed.world_size()
@@ -106,7 +109,11 @@ def _train(
         assert teacher is not None
         if use_cl:
             teacher.to(memory_format=torch.channels_last)
-        distiller.attach_teacher_cache(compute_teacher_cache(
+        given = None
+        if teacher_cache is not None:
+            given = load_teacher_cache(teacher_cache[0], teacher_cache[1], int(data.train_x.shape[0]), device,
+                                       features=distiller.use_wasserstein)
+        distiller.attach_teacher_cache(given or compute_teacher_cache(
             teacher, data.train_x, data.mean, data.std, device, amp=rt.amp, channels_last=use_cl,
             features=distiller.use_wasserstein,
         ))
@@ -185,12 +192,14 @@ def distill_student(
     params: ParamsBase, data: PreparedData, teacher: Optional[nn.Module], checkpoint_path: str | Path | None = None,
     callbacks: Sequence[Callback] = (), resume: bool = True, method: Any = None,
     stop_after_epochs: Optional[int] = None, on_checkpoint: Optional[Callable[[Path], None]] = None,
+    teacher_cache: Optional[tuple[Path, dict[str, Any]]] = None,
 ) -> RunResult:
     """Train ``params.student`` under ``params.method`` (or ``method``, another ``method`` section) with the
-    frozen ``teacher`` (ignored by a method that trains the student alone)."""
+    frozen ``teacher`` (ignored by a method that trains the student alone); ``teacher_cache``: a saved cache
+    of that teacher's outputs (:func:`gkd_core.methods.teacher_cache.save_teacher_cache`) and its expected meta."""
     method = method or params.method
     return _train(params, data, params.student, method, teacher, checkpoint_path, callbacks, resume,
-                  f"student[{method.name}]", stop_after_epochs, on_checkpoint)
+                  f"student[{method.name}]", stop_after_epochs, on_checkpoint, teacher_cache)
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, Any]:

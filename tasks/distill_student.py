@@ -29,7 +29,7 @@ from tasks.paths import (
     PARAMS_FILE, PREPARED, SCHEDULE_CSV, SCHEDULE_PNG, STUDENT, STUDENT_CURVES, STUDENT_HISTORY, STUDENT_REPORT,
     TEACHER, StagePaths,
 )
-from tasks.reports import test_metrics, write_report, write_schedule_csv
+from tasks.reports import file_sha256, test_metrics, write_report, write_schedule_csv
 from tasks.stages import STAGES
 from tasks.training import write_trained_model
 
@@ -44,8 +44,11 @@ def distill_student(
     overrides: Optional[Mapping[str, Any]] = None,
     parent_run_id: Optional[str] = None,
     run_name: Optional[str] = None,
+    teacher_cache: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """Distil ``params.student`` from the teacher under ``params.method``; write model, metrics, curves."""
+    """Distil ``params.student`` from the teacher under ``params.method``; write model, metrics, curves.
+    ``teacher_cache``: a file of the teacher's outputs a sweep computed once (used when ``runtime.cache_teacher``
+    is on and it was computed from this teacher file and this data, else the run computes its own)."""
     params = load_params_checked(paths.root / params_path, overrides, check_dataset=False)
     data = load_prepared_checked(paths.input(PREPARED))
     teacher = None
@@ -61,8 +64,11 @@ def distill_student(
         mirror.fetch(ckpt)
     with tracking.stage_run(STAGE, paths.root, parent_run_id, params=params, run_name=run_name,
                             tags={"method": params.method.name, "seed": str(params.seed)}) as run:
+        shared = None
+        if teacher_cache is not None and teacher is not None and Path(teacher_cache).is_file():
+            shared = (Path(teacher_cache), teacher_cache_meta(paths.input(TEACHER), data))
         result = runner.distill_student(params, data, teacher, checkpoint_path=ckpt, callbacks=[run.callback],
-                                        on_checkpoint=mirror.push if mirror else None)
+                                        on_checkpoint=mirror.push if mirror else None, teacher_cache=shared)
         test = runner.evaluate_model(result.model, data, "test", teacher=teacher, device=params.runtime.device)
         schedule = result.schedule  # as trained (an adaptive schedule's final timing)
         metrics = {
@@ -90,6 +96,11 @@ def distill_student(
     logger.info("student %s [%s]: val %.4f, test %.4f -> %s", params.student.model.name, params.method.name,
                 metrics["final_val_accuracy"], metrics["test_accuracy"], paths.output(STUDENT))
     return metrics
+
+
+def teacher_cache_meta(teacher_file: Path, data: Any) -> dict[str, Any]:
+    """What a saved teacher cache must have been computed from: this teacher file and this data."""
+    return {"teacher_sha256": file_sha256(teacher_file), "data_sha256": data.meta.get("sha256")}
 
 
 app = stage_app(distill_student, __doc__, distributed=True)

@@ -18,6 +18,7 @@ PARAMS_FILE = "params.yaml"  # dvc.yaml's stage commands read this file, in the 
 
 PREPARED = "data/prepared.pt"
 TEACHER = "models/teacher.pt"
+TEACHER_CACHE = "data/teacher_cache.pt"  # a sweep's teacher outputs on its training split, computed once
 STUDENT = "models/student.pt"
 ONNX = "models/student.onnx"
 DATA_REPORT = "reports/data.json"

@@ -33,15 +33,19 @@ from scipy import stats
 
 from gkd_core.cli_support import UserError, load_params_checked
 from gkd_core.config import apply_overrides
-from gkd_core.io import atomic_write, write_json
+from gkd_core.engine import resolve_device
+from gkd_core.io import atomic_write, safe_torch_load, write_json
+from gkd_core.methods import compute_teacher_cache, save_teacher_cache
 from gkd_core.plots import plot_comparison
 from tasks import flow_inputs
 from tasks.code_deps import code_hash
-from tasks.distill_student import distill_student
+from tasks.distill_student import distill_student, teacher_cache_meta
 from tasks.evaluate import evaluate
 from tasks.paths import (
-    DATA_REPORT, EVALUATE_REPORT, PARAMS_FILE, STUDENT_HISTORY, STUDENT_REPORT, TEACHER_REPORT, StagePaths,
+    DATA_REPORT, EVALUATE_REPORT, PARAMS_FILE, PREPARED, STUDENT_HISTORY, STUDENT_REPORT, TEACHER, TEACHER_CACHE,
+    TEACHER_REPORT, StagePaths,
 )
+from tasks.inputs import load_model_checked, load_prepared_checked
 from tasks.prepare_data import prepare_data
 from tasks.reports import info_path, read_history_csv, read_json, read_report
 from tasks.train_teacher import train_teacher
@@ -192,8 +196,10 @@ def code_fingerprint(modules: tuple[str, ...]) -> str:
     return code_hash(modules)
 
 
-def shared_stages(root: Path, spec: SweepSpec, parent_run_id: Optional[str] = None) -> dict[str, Any]:
-    """Prepare the data and train the teacher in the sweep's folder, unless done for the same params."""
+def shared_stages(root: Path, spec: SweepSpec, parent_run_id: Optional[str] = None,
+                  share_cache: bool = True) -> dict[str, Any]:
+    """Prepare the data and train the teacher in the sweep's folder, unless done for the same params; with
+    ``share_cache`` (points trained here, not on GPU workers) the teacher's outputs once for every point."""
     folder = sweep_root(root, spec)
     params_file = folder / PARAMS_FILE
     paths = StagePaths(folder)
@@ -209,7 +215,36 @@ def shared_stages(root: Path, spec: SweepSpec, parent_run_id: Optional[str] = No
     if not done["train_teacher"]:
         train_teacher(paths, parent_run_id=parent_run_id)
         _stamp(paths.output(TEACHER_REPORT), teacher_fp)
+    if share_cache:
+        share_teacher_cache(folder)
     return {"ran": [k for k, v in done.items() if not v], "teacher": read_report(paths.output(TEACHER_REPORT))}
+
+
+def share_teacher_cache(folder: Path) -> Optional[Path]:
+    """With ``runtime.cache_teacher`` on, the teacher's logits and features on the training split, computed
+    once for the whole sweep (``data/teacher_cache.pt``, tagged with the teacher file's and the data's sha256)
+    instead of once per point; kept while it matches. Returns the file, or None when the params cache nothing."""
+    params = load_params_checked(folder / PARAMS_FILE, check_dataset=False)
+    path = folder / TEACHER_CACHE
+    if not params.runtime.cache_teacher:
+        path.unlink(missing_ok=True)
+        return None
+    paths = StagePaths(folder)
+    data = load_prepared_checked(paths.input(PREPARED))
+    meta = teacher_cache_meta(paths.input(TEACHER), data)
+    if path.is_file():
+        try:
+            if safe_torch_load(path).get("meta") == meta:
+                return path
+        except (OSError, ValueError, RuntimeError, AttributeError):
+            pass
+    teacher, _ = load_model_checked(paths.input(TEACHER), "teacher", "train_teacher", data, params.teacher.model,
+                                    "teacher.model")
+    device = resolve_device(params.runtime.device)
+    cache = compute_teacher_cache(teacher.to(device), data.train_x, data.mean, data.std, device,
+                                  amp=params.runtime.amp, features=True)
+    save_teacher_cache(cache, path, meta)
+    return path
 
 
 def point_name(arm: str, seed: int) -> str:
@@ -237,7 +272,8 @@ def sweep_point(arm: str, seed: int, folder: str, parent_run_id: Optional[str] =
     fp = point_fingerprint(params_file, paths.root, arm, seed, arm_params)
     skipped = _done(paths.output(EVALUATE_REPORT), fp)
     if not skipped:
-        distill_student(paths, PARAMS_FILE, overrides, parent_run_id, run_name=name)
+        distill_student(paths, PARAMS_FILE, overrides, parent_run_id, run_name=name,
+                        teacher_cache=Path(folder) / TEACHER_CACHE)
         evaluate(paths, PARAMS_FILE, overrides, parent_run_id, run_name=f"{name}-evaluate")
         _stamp(paths.output(EVALUATE_REPORT), fp)
     return point_figures(arm, seed, paths, skipped)

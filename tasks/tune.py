@@ -34,7 +34,8 @@ from gkd_core.methods import method_spec
 from gkd_core import runner
 from tasks import tracking
 from tasks.inputs import load_model_checked, load_prepared_checked
-from tasks.paths import PARAMS_FILE, PREPARED, TEACHER, StagePaths
+from tasks.distill_student import teacher_cache_meta
+from tasks.paths import PARAMS_FILE, PREPARED, TEACHER, TEACHER_CACHE, StagePaths
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,9 @@ def run_trials(ctx: TrialContext, study_name: str, storage: str, n_trials: int, 
         teacher, _ = load_model_checked(paths.input(TEACHER), "teacher", "train_teacher", data,
                                         base.teacher.model, "teacher.model")
     client = tracking.get_client(ctx.folder) if ctx.parent_run_id else None
+    cache_file = ctx.folder / TEACHER_CACHE  # computed once by the search's shared stages (tasks.sweep)
+    shared_cache = (cache_file, teacher_cache_meta(paths.input(TEACHER), data)) \
+        if teacher is not None and cache_file.is_file() else None
 
     ran = 0
 
@@ -185,7 +189,8 @@ def run_trials(ctx: TrialContext, study_name: str, storage: str, n_trials: int, 
 
         state = "failed"
         try:
-            result = runner.distill_student(params, data, teacher, checkpoint_path=None, callbacks=[report])
+            result = runner.distill_student(params, data, teacher, checkpoint_path=None, callbacks=[report],
+                                            teacher_cache=shared_cache)
             value = float(result.summary[OBJECTIVE])
             state = "complete"
             return value

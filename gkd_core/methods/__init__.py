@@ -16,13 +16,13 @@ from torch import nn
 
 from gkd_core.methods import akd, ces_kd, dynamic_kd, gompertz, scheduled
 from gkd_core.methods.base import TERMS, Batch, Distiller, MethodContext, MethodSpec, Objective, combine
-from gkd_core.methods.teacher_cache import TeacherCache, compute_teacher_cache
+from gkd_core.methods.teacher_cache import TeacherCache, compute_teacher_cache, load_teacher_cache, save_teacher_cache
 from gkd_core.schedules import Schedule
 from gkd_core.sections import LossesConfig, ModelConfig
 
 __all__ = [
     "METHODS", "MethodSpec", "MethodContext", "Objective", "Batch", "Distiller", "TERMS", "combine",
-    "TeacherCache", "compute_teacher_cache", "method_spec", "method_block", "method_schedule", "method_weights",
+    "TeacherCache", "compute_teacher_cache", "load_teacher_cache", "save_teacher_cache", "method_spec", "method_block", "method_schedule", "method_weights",
     "describe_objective", "build_distiller", "method_module",
 ]
 

@@ -10,19 +10,21 @@ input gradient and refuses a cache.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from gkd_core.data import Normalizer
+from gkd_core.io import safe_torch_load, torch_save
 from gkd_core.models import FeatureHook
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TeacherCache", "compute_teacher_cache"]
+__all__ = ["TeacherCache", "compute_teacher_cache", "save_teacher_cache", "load_teacher_cache"]
 
 
 @dataclass
@@ -90,4 +92,39 @@ def compute_teacher_cache(
     cache = TeacherCache(torch.cat(logits), torch.cat(feats) if feats else None)
     logger.info("teacher cache: %d images, %.1f MB on %s in %.1f s", len(cache), cache.nbytes / 2**20, device,
                 time.perf_counter() - t0)
+    return cache
+
+
+def save_teacher_cache(cache: TeacherCache, path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Write ``cache`` (on the CPU) with ``meta`` (what it was computed from: the teacher file's and
+    the data's sha256) atomically: a sweep computes it once and its points read it (:func:`load_teacher_cache`)."""
+    save = {"logits": cache.logits.detach().cpu(), "meta": dict(meta)}  # in the dtype the teacher produced
+    if cache.features is not None:
+        save["features"] = cache.features.detach().cpu()
+    torch_save(save, path)
+
+
+def load_teacher_cache(path: str | os.PathLike, meta: dict[str, Any], rows: int, device: torch.device | str,
+                       features: bool) -> Optional[TeacherCache]:
+    """The cache of ``path`` on ``device`` when it was computed from what ``meta`` names, holds ``rows`` rows and
+    (with ``features``) the features; otherwise None, said in the log (the caller computes its own). Loaded
+    with ``weights_only`` (tensors and plain data only)."""
+    try:
+        saved = safe_torch_load(path)
+    except (OSError, ValueError, RuntimeError) as err:
+        logger.warning("teacher cache %s not used: %s", path, err)
+        return None
+    problem = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("logits"), Tensor):
+        problem = "not a teacher cache"
+    elif saved.get("meta") != meta:
+        problem = f"computed from {saved.get('meta')}, not {meta}"
+    elif saved["logits"].shape[0] != rows or (features and not isinstance(saved.get("features"), Tensor)):
+        problem = f"{saved['logits'].shape[0]} rows{'' if saved.get('features') is not None else ', no features'}"
+    if problem:
+        logger.warning("teacher cache %s not used: %s", path, problem)
+        return None
+    device = torch.device(device)
+    cache = TeacherCache(saved["logits"].to(device), saved["features"].to(device) if features else None)
+    logger.info("teacher cache: %d images read from %s (computed once for the sweep)", len(cache), path)
     return cache

@@ -109,3 +109,27 @@ def test_a_second_sweep_in_the_same_folder_is_refused_while_the_first_runs(clone
     table = json.loads((root / "reports/sweep/custom/comparison.json").read_text())
     assert [r["arm"] for r in table["arms"]] == ["none"]
     assert not (root / "reports/sweep/custom/.gkd-writer.json").exists()  # released
+
+
+def test_the_teacher_cache_is_computed_once_per_sweep(clone_project, prefect_harness: None,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """With runtime.cache_teacher the sweep computes the teacher's outputs once (data/teacher_cache.pt) and
+    every point reads them instead of running its own cache pass."""
+    import logging
+
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.sweep import build_spec, sweep
+
+    root: Path = clone_project()
+    (root / "sweeps.yaml").write_text((Path(__file__).resolve().parents[2] / "sweeps.yaml").read_text())
+    spec = build_spec(root, "digits-smoke", ["kd"], ["0", "1"],
+                      ["student.train.epochs=1", "runtime.cache_teacher=true", "student.train.augment=false"],
+                      "cached", None)
+    caplog.set_level(logging.INFO, logger="gkd_core.methods.teacher_cache")
+    sweep.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(spec, str(root), 1)  # points in-process
+    cache = root / "reports/sweep/cached/data/teacher_cache.pt"
+    assert cache.is_file()
+    messages = [r.getMessage() for r in caplog.records if r.name == "gkd_core.methods.teacher_cache"]
+    assert len([m for m in messages if " in " in m and "MB on" in m]) == 1, messages  # computed once
+    assert len([m for m in messages if "read from" in m]) == 2, messages  # and read by both points

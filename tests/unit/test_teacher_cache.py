@@ -245,3 +245,33 @@ def test_compiled_teacher_and_student_with_input_grad_matching(images):
         assert torch.isfinite(out["total"]) and out["grad_match"].item() > 0 and out["wasserstein"].item() > 0
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in d.student.parameters())
+
+
+def test_a_saved_cache_replaces_the_cache_pass_and_is_refused_when_it_does_not_match(tmp_path):
+    """A sweep computes the cache once (save_teacher_cache) and its points read it: the same run as computing
+    its own, with no teacher forward; a cache of another teacher or data, or a file that is not one, is not
+    used (the run computes its own)."""
+    from gkd_core.methods import load_teacher_cache, save_teacher_cache
+
+    p = validate_params(params(cache_teacher=True))
+    data = prepare_dataset(p.dataset, seed=1)
+    teacher = make_digits_teacher(data)
+    meta = {"teacher_sha256": "t", "data_sha256": "d"}
+    file = tmp_path / "teacher_cache.pt"
+    save_teacher_cache(compute_teacher_cache(teacher, data.train_x, data.mean, data.std, "cpu"), file, meta)
+    own = distill_student(p, data, teacher)
+    calls, handle = count_calls(teacher)
+    shared = distill_student(p, data, teacher, teacher_cache=(file, meta))
+    handle.remove()
+    assert not calls  # not one teacher forward: the cache came from the file
+    assert [r["train_total"] for r in own.history] == [r["train_total"] for r in shared.history]
+    for a, b in zip(own.model.state_dict().values(), shared.model.state_dict().values()):
+        assert torch.equal(a, b)
+    n = len(data.train_y)
+    assert load_teacher_cache(file, {**meta, "teacher_sha256": "other"}, n, "cpu", features=True) is None
+    assert load_teacher_cache(file, meta, n + 1, "cpu", features=True) is None
+    save_teacher_cache(TeacherCache(torch.zeros(n, 10)), file, meta)  # no features: fine for KD, not for W
+    assert load_teacher_cache(file, meta, n, "cpu", features=False) is not None
+    assert load_teacher_cache(file, meta, n, "cpu", features=True) is None
+    file.write_bytes(b"not a torch file")
+    assert load_teacher_cache(file, meta, n, "cpu", features=False) is None
