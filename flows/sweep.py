@@ -226,7 +226,11 @@ def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], 
         raise UserError(f"--seeds must be integers, got {seeds!r}") from None
     base = load_preset(root, preset) if preset else SweepSpec(name="custom", arms=DEFAULT_METHODS,
                                                                seeds=DEFAULT_SEEDS, reference="kd")
-    arms = tuple(_split(methods)) or base.arms
+    named = _split(methods)
+    picked_tuned = [m for m in named if m.endswith("-tuned")]  # `--methods kd gompertz-tuned`: tuned arms by name
+    if picked_tuned and not tuned:
+        raise UserError(f"--methods {' '.join(picked_tuned)}: a tuned arm needs --tuned")
+    arms = tuple(m for m in named if not m.endswith("-tuned")) or (() if picked_tuned else base.arms)
     arm_params: dict[str, dict[str, Any]] = {a: dict(v) for a, v in base.arm_params.items() if a in arms}
     if tuned:
         from tasks.tune import TUNE_DIR, read_tuned  # optuna: imported only for a tuned sweep
@@ -236,9 +240,10 @@ def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], 
         tuned_arms = {f"{method}-tuned": {**base.arm_params.get(method, {}), **dict(entry["overrides"]),
                                           "method.name": method}  # the preset's own settings of the arm, then the search's
                       for method, entry in read_tuned(root / TUNE_DIR / preset).items()
-                      if not _split(methods) or method in arms}
-        if not tuned_arms:
-            raise UserError(f"{root / TUNE_DIR / preset}: no tuned settings for the arms {list(arms)}")
+                      if (f"{method}-tuned" in picked_tuned if picked_tuned else not named or method in arms)}
+        missing = sorted(set(picked_tuned) - set(tuned_arms))
+        if missing or not tuned_arms:
+            raise UserError(f"{root / TUNE_DIR / preset}: no tuned settings for {missing or list(arms)}")
         arm_params.update(tuned_arms)
         arms = (*arms, *tuned_arms)
     reference = reference or (base.reference if base.reference in arms else None)
@@ -254,7 +259,8 @@ def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], 
 
 def main(
     preset: Optional[str] = typer.Option(None, help="a preset of sweeps.yaml (fashion-mnist, cifar10-cpu, ...)"),
-    methods: Optional[list[str]] = typer.Option(None, help="arms (method names): --methods none kd gompertz"),
+    methods: Optional[list[str]] = typer.Option(None, help="arms (method names): --methods none kd gompertz; with "
+                                                "--tuned, <method>-tuned names a tuned arm (default: each arm's)"),
     seeds: Optional[list[str]] = typer.Option(None, help="student seeds: --seeds 0 1 2"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", "-S", help="a param for every point: -S key=value"),
     name: Optional[str] = typer.Option(None, help="the sweep's folder under reports/sweep (default: the preset)"),

@@ -209,3 +209,22 @@ def test_the_table_says_whether_distillation_itself_is_resolved():
     no_contrast = SweepSpec(name="t", arms=("none", "kd"), seeds=(0, 1, 2), reference="kd")
     assert "cannot tell" in kd_resolution(compare(_points(tied), no_contrast))
     assert kd_resolution(compare(_points(clear), SweepSpec(name="t", arms=("kd",), seeds=(0,), reference=None))) is None
+
+
+def test_tuned_arms_can_be_picked_by_name(tmp_path):
+    """`--tuned --methods kd gompertz kd-tuned gompertz_kd-tuned`: exactly those arms, untuned and tuned."""
+    (tmp_path / "sweeps.yaml").write_text("presets:\n  p:\n    arms: [none, kd, gompertz_kd, gompertz]\n"
+                                          "    seeds: [0]\n    reference: kd\n    primary: [gompertz, kd]\n")
+    (tmp_path / "reports/tune/p").mkdir(parents=True)
+    (tmp_path / "reports/tune/p/tuned.yaml").write_text(
+        "methods:\n  kd: {overrides: {method.kd.a: 0.5}}\n  gompertz_kd: {overrides: {method.gompertz_kd.a: 2.0}}\n"
+        "  gompertz: {overrides: {method.gompertz.a: 2.0}}\n")
+    spec = build_spec(tmp_path, "p", ["kd", "gompertz", "kd-tuned", "gompertz_kd-tuned", "gompertz-tuned"], None,
+                      None, None, None, tuned=True)
+    assert spec.arms == ("kd", "gompertz", "kd-tuned", "gompertz_kd-tuned", "gompertz-tuned")
+    assert spec.arm_params["gompertz_kd-tuned"]["method.name"] == "gompertz_kd"
+    assert ("gompertz-tuned", "kd-tuned") in spec.comparisons() and ("gompertz", "kd") in spec.comparisons()
+    with pytest.raises(UserError, match="a tuned arm needs --tuned"):
+        build_spec(tmp_path, "p", ["kd-tuned"], None, None, None, None)
+    with pytest.raises(UserError, match=r"no tuned settings for \['none-tuned'\]"):
+        build_spec(tmp_path, "p", ["kd", "none-tuned"], None, None, None, None, tuned=True)
