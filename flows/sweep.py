@@ -237,8 +237,9 @@ def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], 
 
         if not preset:
             raise UserError("--tuned reads reports/tune/<preset>/tuned.yaml: name the --preset that was tuned")
-        tuned_arms = {f"{method}-tuned": {**base.arm_params.get(method, {}), **dict(entry["overrides"]),
-                                          "method.name": method}  # the preset's own settings of the arm, then the search's
+        # a tuned arm runs as its trials ran: the arm's settings the search held fixed, then what it chose
+        tuned_arms = {f"{method}-tuned": {**dict(entry.get("fixed") or {}), **dict(entry["overrides"]),
+                                          "method.name": method}
                       for method, entry in read_tuned(root / TUNE_DIR / preset).items()
                       if (f"{method}-tuned" in picked_tuned if picked_tuned else not named or method in arms)}
         missing = sorted(set(picked_tuned) - set(tuned_arms))

@@ -193,8 +193,8 @@ def tune(preset: str, methods: Optional[list[str]] = None, trials: int = 20, wor
             studies[method] = _one_study(root, folder, out, preset, method, params, int(trials), int(workers), url, log,
                                          dict(base.arm_params.get(method, {})), commit)
     rows = [studies[m] for m in arms]
-    tuned = tuning.write_tuned(out, {r["method"]: {"overrides": r["overrides"], "val_accuracy": r["value"],
-                                                    "trial": r["trial"], "study": r["study"]}
+    tuned = tuning.write_tuned(out, {r["method"]: {"overrides": r["overrides"], "fixed": r["fixed"],
+                                                    "val_accuracy": r["value"], "trial": r["trial"], "study": r["study"]}
                                      for r in rows if r["overrides"] is not None})
     with atomic_write(out / "summary.md") as fh:
         fh.write(summary_markdown(preset, rows))
@@ -248,7 +248,7 @@ def _one_study(root: Path, folder: Path, out: Path, preset: str, method: str, pa
     return {"method": method, "study": name, "trials": trials, "complete": states["COMPLETE"],
             "pruned": states["PRUNED"], "failed": states["FAIL"], "value": best.value if best else None,
             "trial": best.number if best else None, "params": best.params if best else None,
-            "overrides": overrides, "plots": [str(p) for p in pngs], "parent_run_id": parent}
+            "overrides": overrides, "fixed": fixed, "plots": [str(p) for p in pngs], "parent_run_id": parent}
 
 
 def main(

@@ -165,13 +165,16 @@ def test_a_point_is_stale_when_its_code_or_its_teacher_changes(tmp_path, monkeyp
     assert fp() != first
 
 
-def test_preset_arm_params_reach_the_arm_and_its_tuned_twin(tmp_path):
+def test_preset_arm_params_reach_the_arm_and_a_tuned_arm_runs_as_it_was_tuned(tmp_path):
+    """The preset's arm_params apply to the arm; its tuned twin runs with the settings its trials held fixed
+    (tuned.yaml's ``fixed``, written by flows.tune) plus what the search chose."""
     (tmp_path / "sweeps.yaml").write_text(
         "presets:\n  p:\n    arms: [kd, gompertz]\n    seeds: [0]\n    primary: [gompertz, kd]\n"
         "    arm_params:\n      gompertz: {losses.grad_match.variant: input, runtime.cache_teacher: false}\n")
     (tmp_path / "reports/tune/p").mkdir(parents=True)
     (tmp_path / "reports/tune/p/tuned.yaml").write_text(
-        "methods:\n  gompertz: {overrides: {method.gompertz.a: 2.0}}\n  kd: {overrides: {method.kd.a: 0.5}}\n")
+        "methods:\n  gompertz: {overrides: {method.gompertz.a: 2.0}, fixed: {losses.grad_match.variant: input, "
+        "runtime.cache_teacher: false}}\n  kd: {overrides: {method.kd.a: 0.5}}\n")
     spec = build_spec(tmp_path, "p", None, None, None, None, None, tuned=True)
     assert spec.arm_params["gompertz"] == {"losses.grad_match.variant": "input", "runtime.cache_teacher": False,
                                            "method.name": "gompertz"}
