@@ -452,6 +452,16 @@ def _diff(d: Optional[Mapping[str, Any]]) -> str:
     return f"{d['mean'] * 100:+.2f}{interval}"
 
 
+def _primary_sentence(primary: Optional[Sequence[str]], arms: Sequence[str]) -> str:
+    if not primary:
+        return "No primary comparison was declared: every difference is exploratory."
+    if not all(a in arms for a in primary):
+        return (f"The preset's pre-declared primary comparison (`{primary[0]}` vs `{primary[1]}`) did not run in this "
+                "sweep: every difference here is exploratory (no correction for multiple comparisons).")
+    return (f"The pre-declared primary comparison is `{primary[0]}` vs `{primary[1]}`; every other difference is "
+            "exploratory (no correction for multiple comparisons).")
+
+
 def kd_resolution(table: Mapping[str, Any]) -> Optional[str]:
     """Whether the sweep can tell KD variants apart: distillation itself (``kd`` - ``none``, a contrast or the
     reference difference) must be resolved at its seeds, else differences between KD variants tie by
@@ -488,9 +498,7 @@ def comparison_markdown(table: Mapping[str, Any], heading: bool = True) -> str:
     lines += [
         f"Mean ± std over seeds. Δ: paired difference against `{ref}` in points over the seeds both arms ran "
         "(paired n), with its 95% t-interval; an interval that contains 0 is not a difference at this number of "
-        "seeds. " + (f"The pre-declared primary comparison is `{primary[0]}` vs `{primary[1]}`; every other "
-                     "difference is exploratory (no correction for multiple comparisons)."
-                     if primary else "No primary comparison was declared: every difference is exploratory."),
+        "seeds. " + _primary_sentence(primary, [r["arm"] for r in table["arms"]]),
         "",
         "| arm | seeds | test top-1 (final) | test top-1 (best val epoch) | Δ final vs " + f"`{ref}`" +
         " | Δ best-val vs " + f"`{ref}`" + " | paired n | agreement | ECE | train s |",
@@ -535,8 +543,8 @@ def comparison_markdown(table: Mapping[str, Any], heading: bool = True) -> str:
     hw = table["hardware"]
     cpu = hw.get("cpu_model") or hw["cpu"]
     isa = f", kernels {hw['cpu_capability']}" if hw.get("cpu_capability") else ""
-    lines += ["", f"Hardware: {cpu} ({hw['logical_cpus']} logical CPUs, {hw.get('torch_threads', '-')} torch "
-              f"threads per process{isa}), GPU: {hw['gpu'] or 'none'}, devices used: {', '.join(hw['devices']) or '-'}; "
+    lines += ["", f"Hardware: {cpu} ({hw['logical_cpus']} logical CPUs, torch threads per process: "
+              f"{hw.get('torch_threads', '-')}{isa}), GPU: {hw['gpu'] or 'none'}, devices used: {', '.join(hw['devices']) or '-'}; "
               f"torch {hw['torch']}, Python {hw['python']}; written {table['written']}.", ""]
     return "\n".join(lines)
 

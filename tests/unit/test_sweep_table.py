@@ -212,6 +212,9 @@ def test_the_table_says_whether_distillation_itself_is_resolved():
     no_contrast = SweepSpec(name="t", arms=("none", "kd"), seeds=(0, 1, 2), reference="kd")
     assert "cannot tell" in kd_resolution(compare(_points(tied), no_contrast))
     assert kd_resolution(compare(_points(clear), SweepSpec(name="t", arms=("kd",), seeds=(0,), reference=None))) is None
+    # a primary comparison whose arms did not run is not claimed
+    partial = SweepSpec(name="t", arms=("none", "kd"), seeds=(0, 1, 2), reference="kd", primary=("gompertz", "kd"))
+    assert "(`gompertz` vs `kd`) did not run in this sweep" in comparison_markdown(compare(_points(clear), partial))
 
 
 def test_tuned_arms_can_be_picked_by_name(tmp_path):
