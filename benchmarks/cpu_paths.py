@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks.sweep import cpu_model  # noqa: E402  (the model name every comparison table prints)
 PATHS = {
     "default": {},  # what this CPU offers (AVX-512 on the project's machines)
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
@@ -65,8 +68,7 @@ def main() -> None:
             logger.info("path %s: %s", name, PATHS[name] or "(nothing forced)")
             results.append(run_path(name, PATHS[name], args.threads, Path(tmp)))
             logger.info("path %s done in %.0f s", name, results[-1]["seconds"])
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
+    cpu = cpu_model()
     print(f"\n`make run` test accuracy per CPU path ({cpu}, {args.threads} threads)\n")
     print("| path | kernels (ATen) | " + " | ".join(ROWS) + " | pipeline s |")
     print("|---|---|" + "---|" * len(ROWS) + "---|")
