@@ -43,7 +43,7 @@ from tasks.dvc_ops import StageFailed
 from tasks.paths import PARAMS_FILE, StagePaths
 from tasks.sweep import (
     POINTS, RESULTS_DIR, SHARED_FILES, SWEEP_DIR, SweepSpec, compare, load_preset, point_figures, point_reports, shared_stages,
-    sweep_point, sweep_root, write_comparison, write_sweep_params,
+    sweep_point, sweep_root, teacher_figures, write_comparison, write_sweep_params,
 )
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def _sweep_points(root: Path, spec: SweepSpec, threads_per_worker: Optional[int]
                 bar.advance(task)
                 log.info("point %s-seed%d: test %.4f%s", point["arm"], point["seed"], point["test_accuracy"],
                          " (already done)" if point["skipped"] else "")
-        table = compare(points, spec)
+        table = compare(points, spec, teacher_figures(folder))
         files = write_comparison(table, folder, publish)
         run = tracking.StageRun(tracking.get_client(root), parent, root)
         for path in files.values():

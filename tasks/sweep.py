@@ -43,7 +43,7 @@ from tasks.distill_student import distill_student, teacher_cache_meta
 from tasks.evaluate import evaluate
 from tasks.paths import (
     DATA_REPORT, EVALUATE_REPORT, PARAMS_FILE, PREPARED, STUDENT_HISTORY, STUDENT_REPORT, TEACHER, TEACHER_CACHE,
-    TEACHER_REPORT, StagePaths,
+    TEACHER_HISTORY, TEACHER_REPORT, StagePaths,
 )
 from tasks.inputs import load_model_checked, load_prepared_checked
 from tasks.prepare_data import prepare_data
@@ -343,6 +343,28 @@ def point_figures(arm: str, seed: int, paths: StagePaths, skipped: bool) -> dict
     }
 
 
+def late_gain(curve: Sequence[Any]) -> Optional[float]:
+    """How much the last quarter of the epochs added to the best validation accuracy before it (accuracy, not
+    points): about 0 for a run that had converged on validation, clearly positive for one stopped while still
+    improving. None for fewer than 2 epochs."""
+    values = _finite(curve)
+    if len(values) < 2:
+        return None
+    k = max(1, math.ceil(len(values) / 4))
+    return max(values[-k:]) - max(values[:-k])
+
+
+def teacher_figures(folder: Path) -> dict[str, Any]:
+    """The sweep's shared teacher as trained (its report and per-epoch history in the sweep's folder): test
+    accuracy, validation curve, best-validation epoch and :func:`late_gain`."""
+    report = read_report(folder / TEACHER_REPORT) if (folder / TEACHER_REPORT).is_file() else {}
+    history_file = folder / TEACHER_HISTORY
+    curve = [row.get("val_accuracy") for row in read_history_csv(history_file)] if history_file.is_file() else []
+    return {"model": report.get("model"), "test_accuracy": report.get("test_accuracy"), "epochs": len(curve),
+            "best_val_accuracy": report.get("best_val_accuracy"), "best_val_epoch": report.get("best_val_epoch"),
+            "val_curve": curve, "late_gain": late_gain(curve)}
+
+
 # --- the comparison ---------------------------------------------------------------------------------------
 
 METRICS = ("test_accuracy", "best_val_test_accuracy", "agreement", "test_ece", "train_seconds")
@@ -377,10 +399,12 @@ def paired_difference(arm: Sequence[dict[str, Any]], ref: Sequence[dict[str, Any
     return out
 
 
-def compare(points: Sequence[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
+def compare(points: Sequence[dict[str, Any]], spec: SweepSpec,
+            teacher: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """The comparison of :func:`sweep_point` results (see the module docstring): per arm its statistics, the
     paired difference against the reference, the mean loss terms; the declared contrasts, each labelled
-    ``primary`` (the one comparison declared beforehand, ``spec.primary``) or ``exploratory``."""
+    ``primary`` (the one comparison declared beforehand, ``spec.primary``) or ``exploratory``; ``teacher``
+    (:func:`teacher_figures`) is kept as given."""
     rows = []
     ref = [p for p in points if p["arm"] == spec.reference]
     by_arm = {arm: sorted((p for p in points if p["arm"] == arm), key=lambda p: p["seed"]) for arm in spec.arms}
@@ -404,6 +428,7 @@ def compare(points: Sequence[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]
     return {"sweep": spec.name, "description": spec.description, "reference": spec.reference, "arms": rows,
             "contrasts": contrasts, "primary": list(spec.primary) if spec.primary else None,
             "points": list(points), "params_overrides": dict(spec.params), "hardware": hardware(points),
+            "students": student_convergence(points), **({"teacher": dict(teacher)} if teacher else {}),
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -481,6 +506,36 @@ def kd_resolution(table: Mapping[str, Any]) -> Optional[str]:
             "ties by construction.")
 
 
+def convergence(table: Mapping[str, Any]) -> str:
+    """Whether the teacher and the students had stopped improving on validation when their training ended:
+    the teacher's :func:`late_gain` (when the table has the teacher) and, over every point, how many had their
+    best validation epoch last and the mean late gain."""
+    out = []
+    teacher = table.get("teacher") or {}
+    if teacher.get("late_gain") is not None:
+        out.append(f"Teacher ({teacher['epochs']} epochs, test {_num(teacher.get('test_accuracy'), 4)}): best validation "
+                   f"epoch {teacher['best_val_epoch']}; its last quarter of epochs added "
+                   f"{teacher['late_gain'] * 100:+.2f} points of validation accuracy.")
+    students = table.get("students") or {}
+    if students.get("points"):
+        gain = students.get("late_gain")
+        out.append(f"Students: best validation epoch = the last in {students['best_last']} of {students['points']} "
+                   "points" + (f"; the last quarter of epochs added {gain['mean'] * 100:+.2f} points of validation "
+                               f"accuracy on average (min {gain['min'] * 100:+.2f}, max {gain['max'] * 100:+.2f})"
+                               if gain else "") +
+                   ". A clearly positive gain means training stopped while validation was still improving.")
+    return " ".join(out)
+
+
+def student_convergence(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Over the points with a history: how many had their best validation epoch last, and the mean, min and
+    max of their :func:`late_gain`."""
+    trained = [p for p in points if p.get("epochs")]
+    gains = _finite([late_gain(p.get("val_curve") or []) for p in trained])
+    return {"points": len(trained), "best_last": sum(1 for p in trained if p.get("best_val_epoch") == p["epochs"]),
+            "late_gain": {"mean": statistics.fmean(gains), "min": min(gains), "max": max(gains)} if gains else None}
+
+
 def _points(d: Optional[Mapping[str, Any]]) -> str:
     return "-" if not d or not d.get("values") else ", ".join(f"{v * 100:+.2f}" for v in d["values"])
 
@@ -529,6 +584,9 @@ def comparison_markdown(table: Mapping[str, Any], heading: bool = True) -> str:
     resolution = kd_resolution(table)
     if resolution:
         lines += ["", resolution]
+    settled = convergence(table)
+    if settled:
+        lines += ["", settled]
     if any(any(v is not None for v in (r.get("terms") or {}).values()) for r in table["arms"]):
         lines += ["", "Loss terms as trained (per-epoch means of the unweighted terms and of the distillation weight, "
                   "averaged over epochs and seeds; the objective adds weight x term; the weight's learning-rate-"

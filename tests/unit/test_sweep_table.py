@@ -234,3 +234,38 @@ def test_tuned_arms_can_be_picked_by_name(tmp_path):
         build_spec(tmp_path, "p", ["kd-tuned"], None, None, None, None)
     with pytest.raises(UserError, match=r"no tuned settings for \['none-tuned'\]"):
         build_spec(tmp_path, "p", ["kd", "none-tuned"], None, None, None, None, tuned=True)
+
+
+def test_the_table_says_whether_teacher_and_students_had_stopped_improving(tmp_path):
+    from tasks.reports import write_history_csv
+    from tasks.sweep import late_gain, teacher_figures
+
+    # the last quarter (2 of 8 epochs) against the best before it
+    assert late_gain([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.62, 0.61]) == pytest.approx(0.02)
+    assert late_gain([0.5, 0.7, 0.6, 0.65]) == pytest.approx(0.65 - 0.7)  # the best came earlier: negative
+    assert late_gain([0.5]) is None and late_gain([]) is None
+
+    folder = tmp_path / "sweep"
+    (folder / "reports" / "plots").mkdir(parents=True)
+    (folder / "reports" / "teacher.json").write_text(json.dumps(
+        {"model": "digits_cnn", "test_accuracy": 0.66, "best_val_accuracy": 0.64, "best_val_epoch": 4}))
+    write_history_csv(folder / "reports" / "plots" / "teacher_history.csv",
+                      [{"epoch": e + 1, "val_accuracy": v} for e, v in enumerate([0.3, 0.5, 0.6, 0.64])])
+    teacher = teacher_figures(folder)
+    assert teacher["epochs"] == 4 and teacher["val_curve"] == pytest.approx([0.3, 0.5, 0.6, 0.64])
+    assert teacher["late_gain"] == pytest.approx(0.04) and teacher["test_accuracy"] == 0.66
+
+    spec = SweepSpec(name="t", arms=("none", "kd"), seeds=(0, 1), reference="kd")
+    points = [{**p, "epochs": 4, "best_val_epoch": 4 if p["arm"] == "kd" else 3,
+               "val_curve": [0.2, 0.4, 0.5, 0.52] if p["arm"] == "kd" else [0.2, 0.4, 0.5, 0.49]}
+              for p in _points({("none", 0): 0.9, ("none", 1): 0.91, ("kd", 0): 0.92, ("kd", 1): 0.93})]
+    table = compare(points, spec, teacher)
+    assert table["students"]["points"] == 4 and table["students"]["best_last"] == 2
+    assert table["students"]["late_gain"]["mean"] == pytest.approx(0.005)
+    md = comparison_markdown(table)
+    assert "Teacher (4 epochs, test 0.6600): best validation epoch 4; its last quarter of epochs added +4.00 points" in md
+    assert "Students: best validation epoch = the last in 2 of 4 points" in md and "(min -1.00, max +2.00)" in md
+    # the published comparison (no points) renders the same sentences from the table alone
+    write_comparison(table, tmp_path / "reports", tmp_path / "public")
+    public = json.loads((tmp_path / "public" / "comparison.json").read_text())
+    assert comparison_markdown(public) == md
