@@ -593,9 +593,12 @@ def comparison_markdown(table: Mapping[str, Any], heading: bool = True) -> str:
                   "weighted mean is sum w_e lr_e / sum lr_e over epochs):", "",
                   "| arm | CE | KD | W | GM | weight | weight (lr-weighted) |", "|---|---|---|---|---|---|---|"]
         for r in table["arms"]:
-            t = r.get("terms") or {}
+            d = r.get("dose") or {}
+            # a weight of 0 every epoch (`none`) is left out of the terms; the dose's plain mean is the same number
+            t = {**(r.get("terms") or {})}
+            t["weight"] = t.get("weight") if t.get("weight") is not None else d.get("mean")
             lines.append(f"| `{r['arm']}` | " + " | ".join(_num(t.get(k), 4) for k in TERM_COLUMNS) +
-                         f" | {_num((r.get('dose') or {}).get('lr_weighted'), 4)} |")
+                         f" | {_num(d.get('lr_weighted'), 4)} |")
     lines += ["", "Objectives as run:", ""]
     lines += [f"- `{r['arm']}`: {r['objective'] or '-'}" for r in table["arms"]]
     hw = table["hardware"]

@@ -269,3 +269,12 @@ def test_the_table_says_whether_teacher_and_students_had_stopped_improving(tmp_p
     write_comparison(table, tmp_path / "reports", tmp_path / "public")
     public = json.loads((tmp_path / "public" / "comparison.json").read_text())
     assert comparison_markdown(public) == md
+
+
+def test_the_student_alone_shows_its_zero_weight_in_the_terms_table():
+    spec = SweepSpec(name="t", arms=("none", "kd"), seeds=(0,), reference="kd")
+    points = [{**p, "terms": {"ce": [1.0, 1.0]} if p["arm"] == "none" else {"ce": [1.0], "kd": [0.5], "weight": [1.0]},
+               "dose": {"mean": 0.0, "lr_weighted": 0.0} if p["arm"] == "none" else {"mean": 1.0, "lr_weighted": 1.0}}
+              for p in _points({("none", 0): 0.9, ("kd", 0): 0.92})]
+    md = comparison_markdown(compare(points, spec))
+    assert "| `none` | 1.0000 | - | - | - | 0.0000 | 0.0000 |" in md and "| `kd` | 1.0000 | 0.5000 | - | - | 1.0000 | 1.0000 |" in md
