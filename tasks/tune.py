@@ -130,6 +130,15 @@ def sampler_seed(study_name: str, trials_so_far: int, worker: int = 0) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big")
 
 
+def join_study(name: str, storage: str, worker: int = 0,
+               pruner: Optional[optuna.pruners.BasePruner] = None) -> optuna.Study:
+    """:func:`open_study` for worker number ``worker`` of a search, its sampler seeded by :func:`sampler_seed`
+    from the trials the study already holds."""
+    study = open_study(name, storage, pruner=pruner)
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(name, len(study.trials), worker))
+    return study
+
+
 def finished(study: optuna.Study) -> int:
     """Trials that used their budget: complete, pruned or failed (a running one is not counted)."""
     return len(study.get_trials(deepcopy=False, states=FINISHED))
@@ -149,8 +158,7 @@ class TrialContext:
 def run_trials(ctx: TrialContext, study_name: str, storage: str, n_trials: int, budget: int, worker: int = 0) -> int:
     """Run up to ``n_trials`` trials of ``study_name`` in this process (worker number ``worker`` of the search),
     stopping once the study has ``budget`` finished trials (see :func:`finished`); returns how many it ran."""
-    study = open_study(study_name, storage, pruner=ctx.pruner)
-    study = open_study(study_name, storage, seed=sampler_seed(study_name, len(study.trials), worker), pruner=ctx.pruner)
+    study = join_study(study_name, storage, worker, pruner=ctx.pruner)
     if finished(study) >= budget:
         return 0
     paths = StagePaths(ctx.folder)

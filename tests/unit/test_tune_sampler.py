@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.tune import open_study, sampler_seed
+from tasks.tune import join_study, sampler_seed
 
 
 def _first_draws(storage: str, name: str, worker: int, n: int) -> list[float]:
-    probe = open_study(name, storage)
-    study = open_study(name, storage, seed=sampler_seed(name, len(probe.trials), worker))
+    study = join_study(name, storage, worker)
     drawn: list[float] = []
 
     def objective(trial) -> float:  # noqa: ANN001
