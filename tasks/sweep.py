@@ -357,8 +357,9 @@ def late_gain(curve: Sequence[Any]) -> Optional[float]:
 def teacher_figures(folder: Path) -> dict[str, Any]:
     """The sweep's shared teacher as trained (its report and per-epoch history in the sweep's folder): test
     accuracy, validation curve, best-validation epoch and :func:`late_gain`."""
-    report = read_report(folder / TEACHER_REPORT) if (folder / TEACHER_REPORT).is_file() else {}
-    history_file = folder / TEACHER_HISTORY
+    paths = StagePaths(folder)
+    report = read_report(paths.output(TEACHER_REPORT)) if paths.output(TEACHER_REPORT).is_file() else {}
+    history_file = paths.output(TEACHER_HISTORY)
     curve = [row.get("val_accuracy") for row in read_history_csv(history_file)] if history_file.is_file() else []
     return {"model": report.get("model"), "test_accuracy": report.get("test_accuracy"), "epochs": len(curve),
             "best_val_accuracy": report.get("best_val_accuracy"), "best_val_epoch": report.get("best_val_epoch"),
