@@ -79,10 +79,10 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 def save_checkpoint(path: str | os.PathLike, *, fingerprint: str, epoch: int, trainable: Any,
                     optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any,
                     history: list[dict[str, float]], best: Optional[Mapping[str, Any]] = None,
-                    world_size: int = 1) -> None:
+                    world_size: int = 1, plateau: Optional[Mapping[str, Any]] = None) -> None:
     """Write the full training state after ``epoch`` epochs, atomically (``best``: the best validation
     epoch so far, its accuracy and the student's weights then; ``world_size``: the processes that trained it,
-    recorded when more than one, for the log of a resume)."""
+    recorded when more than one, for the log of a resume; ``plateau``: the lr_schedule plateau watcher's state)."""
     state = {
         "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
         "trainable": trainable.training_state(), "optimizer": optimizer.state_dict(),
@@ -92,6 +92,8 @@ def save_checkpoint(path: str | os.PathLike, *, fingerprint: str, epoch: int, tr
     }
     if world_size > 1:
         state["world_size"] = int(world_size)
+    if plateau is not None:
+        state["plateau"] = dict(plateau)
     torch_save(state, path)
 
 

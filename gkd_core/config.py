@@ -99,6 +99,17 @@ class ParamsBase(Strict):
         return self
 
     @model_validator(mode="after")
+    def _student_has_a_budget(self) -> "ParamsBase":
+        if self.student.train.lr_schedule == "plateau":
+            raise ValueError(
+                "student.train.lr_schedule = 'plateau' is for a network trained alone (the teacher): a student's "
+                "distillation weight w(p) is a function of training progress p = step / total steps, which needs "
+                "a known budget (student.train.epochs); allowed: cosine, multistep, constant (docs/method.md, "
+                "'Training budgets')"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _teacher_cache_is_possible(self) -> "ParamsBase":
         if not self.runtime.cache_teacher:
             return self

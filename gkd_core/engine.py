@@ -50,7 +50,7 @@ from gkd_core.sections import TrainConfig
 __all__ = [
     "Trainable", "FitOptions", "FitResult", "Checkpointing", "NonFiniteLossError", "Callback", "fit", "evaluate",
     "predict", "resolve_device", "seed_everything", "build_optimizer", "lr_factor", "progress_at",
-    "config_fingerprint",
+    "config_fingerprint", "Plateau",
 ]
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ class FitResult:
     images_per_second: float
     best_val_epoch: Optional[int] = None
     best_state: Optional[dict[str, torch.Tensor]] = None  # the student's weights at the best validation epoch
+    stopped_at_epoch: Optional[int] = None  # lr_schedule plateau: the epoch whose plateau ended training
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -161,11 +162,15 @@ def build_optimizer(param_groups: Iterable[Any], cfg: TrainConfig, device: torch
     return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
-def lr_factor(step: int, total_steps: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
-    """LR multiplier at a global step: linear warm-up, then cosine / multistep / constant over the rest."""
+def lr_factor(step: int, total_steps: int, cfg: TrainConfig, steps_per_epoch: int,
+              plateau: Optional["Plateau"] = None) -> float:
+    """LR multiplier at a global step: linear warm-up, then cosine / multistep / constant over the rest, or
+    (``plateau``) the product of the cuts a :class:`Plateau` has made so far."""
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
         return (step + 1) / warmup
+    if cfg.lr_schedule == "plateau":
+        return plateau.factor if plateau is not None else 1.0
     t = (step - warmup) / max(total_steps - warmup, 1)
     if cfg.lr_schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * t))
@@ -173,6 +178,42 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig, steps_per_epoch: in
         done = step / max(total_steps, 1)
         return cfg.gamma ** sum(done >= m for m in cfg.milestones)
     return 1.0
+
+
+class Plateau:
+    """``lr_schedule: plateau``: watches validation accuracy once per evaluation. After ``patience`` evaluations
+    without a gain above ``min_delta`` over the best so far it cuts the learning rate (``factor *= gamma``) and
+    starts counting again; the plateau after ``reductions`` cuts stops training. Evaluations inside the warm-up
+    only set the best (the learning rate is still rising). Its state is plain numbers, saved in checkpoints."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.patience, self.min_delta = cfg.plateau.patience, cfg.plateau.min_delta
+        self.reductions, self.gamma, self.warmup_epochs = cfg.plateau.reductions, cfg.gamma, cfg.warmup_epochs
+        self.best, self.bad, self.cuts, self.factor, self.stopped_at = -math.inf, 0, 0, 1.0, None
+
+    def observe(self, epoch: int, val_accuracy: float) -> str:
+        """Told the validation accuracy after ``epoch`` (1-based); returns "improved", "waiting", "cut" or "stop"."""
+        if val_accuracy > self.best + self.min_delta or epoch <= self.warmup_epochs:
+            self.best, self.bad = max(self.best, val_accuracy), 0
+            return "improved"
+        self.bad += 1  # as torch's ReduceLROnPlateau: a gain under min_delta neither counts nor moves the best
+        if self.bad < self.patience:
+            return "waiting"
+        self.bad = 0
+        if self.cuts < self.reductions:
+            self.cuts += 1
+            self.factor *= self.gamma
+            return "cut"
+        self.stopped_at = epoch
+        return "stop"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad": self.bad, "cuts": self.cuts, "factor": self.factor,
+                "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best, self.bad, self.cuts = float(state["best"]), int(state["bad"]), int(state["cuts"])
+        self.factor, self.stopped_at = float(state["factor"]), state.get("stopped_at")
 
 
 def progress_at(step: int, epoch: int, total_steps: int, epochs: int, granularity: str) -> float:
@@ -264,8 +305,9 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
     if steps_per_epoch == 0:
         raise ValueError("the training loader yields no batches (batch_size larger than the training split?)")
     total_steps = cfg.epochs * steps_per_epoch
+    plateau = Plateau(cfg) if cfg.lr_schedule == "plateau" else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch)
+        optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch, plateau)
     )
     history: list[dict[str, float]] = []
     start_epoch, resumed_from = 0, None
@@ -278,6 +320,8 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
         if state is not None:
             start_epoch, history = restore_checkpoint(state, trainable, optimizer, scheduler, train_loader)
             best = dict(state.get("best") or best)
+            if plateau is not None and state.get("plateau"):
+                plateau.load_state_dict(state["plateau"])
             resumed_from = start_epoch
             logger.info("resumed %s from %s at epoch %d/%d", opt.desc, ckpt.path, start_epoch, cfg.epochs)
             if int(state.get("world_size", 1)) != distributed.world_size():
@@ -297,12 +341,17 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
         has_val_split = int(distributed.sum_over_ranks(val_batches).item()) > 0
     else:
         has_val_split = val_loader is not None and len(val_loader) > 0
+    if plateau is not None and not has_val_split:
+        raise ValueError(f"{opt.desc}: lr_schedule 'plateau' watches validation accuracy, and this run has no "
+                         "validation split (dataset.val_fraction > 0 gives one)")
 
     loss_column = dict(trainable.metric_names)["total"]
     bar = TrainingProgress(opt.desc, cfg.epochs, steps_per_epoch, start_epoch, opt.progress_bar if main else False)
     hidden = _hidden_columns(trainable)
     n_images, t_train = 0, 0.0
     last_epoch = cfg.epochs if opt.stop_after_epochs is None else min(cfg.epochs, start_epoch + opt.stop_after_epochs)
+    if plateau is not None and plateau.stopped_at is not None:
+        last_epoch = start_epoch  # resumed from the checkpoint of a run that had already stopped on its plateau
     try:
         for epoch in range(start_epoch, last_epoch):
             row, seen, seconds = _run_epoch(trainable, step_module, train_loader, optimizer, scheduler, cfg, opt,
@@ -315,6 +364,8 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
                 row["val_accuracy"], row["val_loss"] = ev["accuracy"], ev["loss"]
                 if ev["accuracy"] > best["accuracy"]:
                     best = {"epoch": epoch + 1, "accuracy": ev["accuracy"], "state": _cpu_state(trainable.student)}
+                if plateau is not None:
+                    _plateau_step(plateau, epoch + 1, ev["accuracy"], cfg, opt.desc if main else None)
             trainable.end_epoch(progress_at((epoch + 1) * steps_per_epoch - 1, epoch, total_steps, cfg.epochs,
                                             opt.progress), row)
             row["seconds"] = seconds
@@ -332,10 +383,13 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
             if ckpt is not None and main:
                 save_checkpoint(ckpt.path, fingerprint=ckpt.fingerprint, epoch=epoch + 1, trainable=trainable,
                                 optimizer=optimizer, scheduler=scheduler, loader=train_loader, history=history,
-                                best=best, world_size=distributed.world_size())
+                                best=best, world_size=distributed.world_size(),
+                                plateau=plateau.state_dict() if plateau is not None else None)
                 if ckpt.on_save is not None:
                     ckpt.on_save(ckpt.path)
                 hold_after_checkpoint(epoch + 1)
+            if plateau is not None and plateau.stopped_at is not None:
+                break  # every rank: the decision is taken on the all-reduced validation accuracy
     finally:
         bar.close()
         if ddp and hasattr(trainable, "undistribute"):
@@ -350,9 +404,24 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
         best_val_epoch=best["epoch"],
         best_state=best["state"],
         resumed_from_epoch=resumed_from,
+        stopped_at_epoch=plateau.stopped_at if plateau is not None else None,
         train_seconds=t_train,
         images_per_second=n_images / t_train if t_train > 0 else float("nan"),
     )
+
+
+def _plateau_step(plateau: Plateau, epoch: int, val_accuracy: float, cfg: TrainConfig, desc: Optional[str]) -> None:
+    """Feed one evaluation to the plateau watcher and log a cut or the stop (``desc`` None: not the main rank)."""
+    action = plateau.observe(epoch, val_accuracy)
+    if desc is None or action not in ("cut", "stop"):
+        return
+    p = cfg.plateau
+    if action == "cut":
+        logger.info("%s: validation accuracy has not gained %.4f over %.4f in %d evaluation(s): lr x %g "
+                    "(cut %d of %d)", desc, p.min_delta, plateau.best, p.patience, cfg.gamma, plateau.cuts, p.reductions)
+    else:
+        logger.info("%s: validation accuracy plateaued at %.4f after %d lr cut(s): stopped after epoch %d of at most %d",
+                    desc, plateau.best, plateau.cuts, epoch, cfg.epochs)
 
 
 def _run_epoch(trainable: Trainable, step_module: Any, loader: Any, optimizer: torch.optim.Optimizer,

@@ -160,6 +160,9 @@ def _train(
     }
     if world > 1:
         summary["processes"] = world
+    if net_cfg.train.lr_schedule == "plateau":  # "epochs" is the cap; these say where the plateau ended it
+        summary["epochs_trained"] = len(result.history)
+        summary["stopped_at_epoch"] = result.stopped_at_epoch
     summary["objective"] = describe_objective(method) if teacher is not None else "CE"
     return RunResult(model=student, history=result.history, best_model=best_model, schedule=distiller.schedule,
                      summary=summary)

@@ -50,7 +50,20 @@ class ModelConfig(Strict):
         return v
 
 
+class PlateauConfig(Strict):
+    """``lr_schedule: plateau``: train until validation accuracy stops improving (see :class:`TrainConfig`)."""
+
+    patience: int = Field(3, ge=1, le=1000, description="evaluations without an improvement that make a plateau")
+    min_delta: float = Field(0.001, ge=0.0, lt=1.0, description="validation accuracy gain that counts as improving")
+    reductions: int = Field(2, ge=0, le=20, description="plateaus answered by lr *= gamma; the next one stops training")
+
+
 class TrainConfig(Strict):
+    """A network's training recipe. ``epochs`` is the budget; with ``lr_schedule: plateau`` it is the cap: the
+    learning rate holds (after the warm-up) until validation accuracy has not improved by ``plateau.min_delta``
+    for ``plateau.patience`` evaluations, is then multiplied by ``gamma`` (``plateau.reductions`` times), and the
+    plateau after the last reduction ends training (ReduceLROnPlateau, then stop)."""
+
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=65_536)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -58,12 +71,13 @@ class TrainConfig(Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
-    lr_schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    lr_schedule: Literal["cosine", "multistep", "constant", "plateau"] = "cosine"
     milestones: list[float] = Field(
         default_factory=lambda: [150 / 240, 180 / 240, 210 / 240],
         description="multistep: fractions of training (0, 1) at which lr *= gamma",
     )
-    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="multistep and plateau: the lr factor of each cut")
+    plateau: PlateauConfig = Field(default_factory=PlateauConfig)
     warmup_epochs: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     augment: bool = Field(True, description="random crop (reflect pad) + horizontal flip on the training split")

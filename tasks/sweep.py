@@ -363,7 +363,7 @@ def teacher_figures(folder: Path) -> dict[str, Any]:
     curve = [row.get("val_accuracy") for row in read_history_csv(history_file)] if history_file.is_file() else []
     return {"model": report.get("model"), "test_accuracy": report.get("test_accuracy"), "epochs": len(curve),
             "best_val_accuracy": report.get("best_val_accuracy"), "best_val_epoch": report.get("best_val_epoch"),
-            "val_curve": curve, "late_gain": late_gain(curve)}
+            "val_curve": curve, "late_gain": late_gain(curve), "stopped_at_epoch": report.get("stopped_at_epoch")}
 
 
 # --- the comparison ---------------------------------------------------------------------------------------
@@ -514,8 +514,10 @@ def convergence(table: Mapping[str, Any]) -> str:
     out = []
     teacher = table.get("teacher") or {}
     if teacher.get("late_gain") is not None:
-        out.append(f"Teacher ({teacher['epochs']} epochs, test {_num(teacher.get('test_accuracy'), 4)}): best validation "
-                   f"epoch {teacher['best_val_epoch']}; its last quarter of epochs added "
+        stopped = (f", stopped on its validation plateau (lr_schedule plateau) after epoch {teacher['stopped_at_epoch']}"
+                   if teacher.get("stopped_at_epoch") else "")
+        out.append(f"Teacher ({teacher['epochs']} epochs{stopped}, test {_num(teacher.get('test_accuracy'), 4)}): best "
+                   f"validation epoch {teacher['best_val_epoch']}; its last quarter of epochs added "
                    f"{teacher['late_gain'] * 100:+.2f} points of validation accuracy.")
     students = table.get("students") or {}
     if students.get("points"):

@@ -269,6 +269,10 @@ def test_the_table_says_whether_teacher_and_students_had_stopped_improving(tmp_p
     write_comparison(table, tmp_path / "reports", tmp_path / "public")
     public = json.loads((tmp_path / "public" / "comparison.json").read_text())
     assert comparison_markdown(public) == md
+    # a teacher trained to its validation plateau (lr_schedule plateau) says where it stopped
+    from tasks.sweep import convergence
+    stopped = convergence({"teacher": {**teacher, "stopped_at_epoch": 4}})
+    assert stopped.startswith("Teacher (4 epochs, stopped on its validation plateau (lr_schedule plateau) after epoch 4,")
 
 
 def test_the_student_alone_shows_its_zero_weight_in_the_terms_table():
