@@ -23,9 +23,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import typer
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.futures import as_completed
 from prefect.runtime import deployment, flow_run
@@ -42,8 +43,9 @@ from tasks.cli import configure_logging
 from tasks.dvc_ops import StageFailed
 from tasks.paths import PARAMS_FILE, StagePaths
 from tasks.sweep import (
-    POINTS, RESULTS_DIR, SHARED_FILES, SWEEP_DIR, SweepSpec, compare, load_preset, point_figures, point_reports, shared_stages,
-    sweep_point, sweep_root, teacher_figures, write_comparison, write_sweep_params,
+    POINTS, RESULTS_DIR, SHARED_FILES, SWEEP_DIR, SweepSpec, compare, load_preset, merged, point_figures, point_reports,
+    recipe_differences, shared_stages, sweep_point, sweep_root, teacher_figures, teacher_recipe, write_comparison,
+    write_sweep_params,
 )
 
 logger = logging.getLogger(__name__)
@@ -238,10 +240,13 @@ def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], 
         if not preset:
             raise UserError("--tuned reads reports/tune/<preset>/tuned.yaml: name the --preset that was tuned")
         # a tuned arm runs as its trials ran: the arm's settings the search held fixed, then what it chose
+        entries = {method: entry for method, entry in read_tuned(root / TUNE_DIR / preset).items()
+                   if (f"{method}-tuned" in picked_tuned if picked_tuned else not named or method in arms)}
+        _same_teacher(root / TUNE_DIR / preset, entries, lambda: merged(
+            yaml.safe_load((root / PARAMS_FILE).read_text()) or {}, {**base.params, **parse_overrides(overrides)}))
         tuned_arms = {f"{method}-tuned": {**dict(entry.get("fixed") or {}), **dict(entry["overrides"]),
                                           "method.name": method}
-                      for method, entry in read_tuned(root / TUNE_DIR / preset).items()
-                      if (f"{method}-tuned" in picked_tuned if picked_tuned else not named or method in arms)}
+                      for method, entry in entries.items()}
         missing = sorted(set(picked_tuned) - set(tuned_arms))
         if missing or not tuned_arms:
             raise UserError(f"{root / TUNE_DIR / preset}: no tuned settings for {missing or list(arms)}")
@@ -256,6 +261,24 @@ def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], 
     return SweepSpec(name=name or base.name, arms=arms, seeds=tuple(seed_list) or base.seeds, reference=reference,
                      params={**base.params, **parse_overrides(overrides)}, description=base.description,
                      arm_params=arm_params, contrasts=(*base.contrasts, *tuned_pairs), primary=base.primary)
+
+
+def _same_teacher(folder: Path, entries: dict[str, Any], resolved: Callable[[], dict[str, Any]]) -> None:
+    """Tuned settings apply to the teacher they were chosen against: refuse an entry whose recorded teacher
+    recipe (seed, dataset, teacher; flows.tune writes it) differs from this sweep's (``resolved()``: its params),
+    naming the keys; an entry from before recipes were recorded is applied with a warning."""
+    here = teacher_recipe(resolved()) if any(e.get("teacher") is not None for e in entries.values()) else {}
+    for method, entry in entries.items():
+        recorded = entry.get("teacher")
+        if recorded is None:
+            logger.warning("%s: %s's settings carry no teacher recipe (tuned before it was recorded); applied to "
+                           "this sweep's teacher unchecked", folder / "tuned.yaml", method)
+            continue
+        changed = recipe_differences(recorded, here)
+        if changed:
+            raise UserError(f"{folder / 'tuned.yaml'}: {method}'s settings were tuned against another teacher "
+                            f"({'; '.join(changed)}, tuned -> this sweep); re-tune (python -m flows.tune --preset "
+                            f"{folder.name}) or sweep without --tuned")
 
 
 def main(

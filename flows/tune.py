@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
@@ -38,7 +39,8 @@ from tasks.cli import configure_logging
 from flows.sweep import exchange_url, expand_multi_values
 from tasks.dvc_ops import StageFailed
 from tasks.paths import PARAMS_FILE
-from tasks.sweep import SHARED_FILES, SWEEP_DIR, SweepSpec, load_preset, shared_stages, sweep_root, write_sweep_params
+from tasks.sweep import (SHARED_FILES, SWEEP_DIR, SweepSpec, load_preset, shared_stages, sweep_root, teacher_recipe,
+                         write_sweep_params)
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +195,10 @@ def tune(preset: str, methods: Optional[list[str]] = None, trials: int = 20, wor
             studies[method] = _one_study(root, folder, out, preset, method, params, int(trials), int(workers), url, log,
                                          dict(base.arm_params.get(method, {})), commit)
     rows = [studies[m] for m in arms]
+    teacher = teacher_recipe(yaml.safe_load(params_file.read_text()) or {})  # what the trials distilled from
     tuned = tuning.write_tuned(out, {r["method"]: {"overrides": r["overrides"], "fixed": r["fixed"],
-                                                    "val_accuracy": r["value"], "trial": r["trial"], "study": r["study"]}
+                                                    "val_accuracy": r["value"], "trial": r["trial"], "study": r["study"],
+                                                    "teacher": teacher}
                                      for r in rows if r["overrides"] is not None})
     with atomic_write(out / "summary.md") as fh:
         fh.write(summary_markdown(preset, rows))

@@ -155,9 +155,8 @@ def write_sweep_params(root: Path, spec: SweepSpec) -> Path:
     return target
 
 
-def _fingerprint(params_file: Path, keys: Sequence[str], extra: Mapping[str, Any]) -> str:
-    """A hash of the params at dotted ``keys`` (and ``extra``): what an output depends on."""
-    data = yaml.safe_load(params_file.read_text()) or {}
+def _picked(data: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The values of ``data`` at dotted ``keys`` (None where absent)."""
 
     def at(key: str) -> Any:
         node: Any = data
@@ -165,9 +164,35 @@ def _fingerprint(params_file: Path, keys: Sequence[str], extra: Mapping[str, Any
             node = node.get(part) if isinstance(node, Mapping) else None
         return node
 
-    picked = {k: at(k) for k in keys}
+    return {k: at(k) for k in keys}
+
+
+def _fingerprint(params_file: Path, keys: Sequence[str], extra: Mapping[str, Any]) -> str:
+    """A hash of the params at dotted ``keys`` (and ``extra``): what an output depends on."""
+    picked = _picked(yaml.safe_load(params_file.read_text()) or {}, keys)
     blob = json.dumps({**picked, **extra}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+TEACHER_RECIPE = ("seed", "dataset", "teacher")  # what makes a sweep's teacher (its params; code aside)
+
+
+def teacher_recipe(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The sections of resolved params (a sweep's params.yaml, loaded) that define its shared teacher: recorded
+    with tuned settings (flows.tune), so a tuned sweep can refuse settings chosen against another teacher."""
+    return json.loads(json.dumps(_picked(params, TEACHER_RECIPE), default=str))
+
+
+def recipe_differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: recorded -> current`` for every dotted key where two recipes differ."""
+    out = []
+    for key in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(key), current.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += recipe_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 def _done(report: Path, fingerprint: str) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from _project import REPO, run
 
@@ -93,6 +94,8 @@ def test_the_tune_command_resumes_shares_and_feeds_the_sweep(clone_project, tmp_
     assert "| `kd` |" in (out / "summary.md").read_text()
     tuned = (out / "tuned.yaml").read_text()
     assert "method.name: kd" in tuned and "student.train.lr" in tuned
+    # the teacher the settings were tuned against (the preset's 3-epoch one), for --tuned to check
+    assert yaml.safe_load(tuned)["methods"]["kd"]["teacher"]["teacher"]["train"]["epochs"] == 3
     # the MLflow side: one parent run per study, a child run per trial with its state
     from tasks import tracking
 

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import yaml
 from scipy import stats
 
 from flows.sweep import build_spec, expand_multi_values
@@ -282,3 +283,41 @@ def test_the_student_alone_shows_its_zero_weight_in_the_terms_table():
               for p in _points({("none", 0): 0.9, ("kd", 0): 0.92})]
     md = comparison_markdown(compare(points, spec))
     assert "| `none` | 1.0000 | - | - | - | 0.0000 | 0.0000 |" in md and "| `kd` | 1.0000 | 0.5000 | - | - | 1.0000 | 1.0000 |" in md
+
+
+def test_tuned_settings_apply_only_to_the_teacher_they_were_tuned_against(tmp_path, caplog):
+    """flows.tune records the teacher recipe (seed, dataset, teacher) beside each method's settings; a --tuned
+    sweep whose teacher differs is refused before any compute, naming the keys; an entry without a record
+    (tuned before it was kept) is applied with a warning."""
+    from tasks.sweep import recipe_differences, teacher_recipe
+
+    (tmp_path / "params.yaml").write_text(
+        "seed: 0\ndataset: {name: digits}\nteacher: {model: {name: digits_cnn, width: 2.0}, train: {epochs: 30}}\n"
+        "student: {model: {name: digits_cnn, width: 0.5}}\n")
+    (tmp_path / "sweeps.yaml").write_text("presets:\n  p:\n    arms: [kd]\n    seeds: [0]\n"
+                                          "    params: {teacher.train.epochs: 20}\n")
+    resolved = {"seed": 0, "dataset": {"name": "digits"},
+                "teacher": {"model": {"name": "digits_cnn", "width": 2.0}, "train": {"epochs": 20}}, "student": {}}
+    recipe = teacher_recipe(resolved)
+    assert recipe == {k: resolved[k] for k in ("seed", "dataset", "teacher")}
+    tuned = tmp_path / "reports/tune/p/tuned.yaml"
+    tuned.parent.mkdir(parents=True)
+
+    def write(teacher):
+        tuned.write_text(yaml.safe_dump({"methods": {"kd": {"overrides": {"method.kd.a": 0.5},
+                                                            **({"teacher": teacher} if teacher else {})}}}))
+
+    write(recipe)  # the preset's teacher (20 epochs over params.yaml's 30): accepted
+    assert build_spec(tmp_path, "p", None, None, None, None, None, tuned=True).arm_params["kd-tuned"]["method.kd.a"] == 0.5
+    old = {**recipe, "teacher": {**recipe["teacher"], "train": {"epochs": 15}}}
+    assert recipe_differences(old, recipe) == ["teacher.train.epochs: 15 -> 20"]
+    write(old)
+    with pytest.raises(UserError, match=r"kd's settings were tuned against another teacher \(teacher.train.epochs: "
+                                        r"15 -> 20, tuned -> this sweep\); re-tune"):
+        build_spec(tmp_path, "p", None, None, None, None, None, tuned=True)
+    # -S reaches the recipe too: the same override makes it match again
+    assert build_spec(tmp_path, "p", None, None, ["teacher.train.epochs=15"], None, None, tuned=True).arms == ("kd", "kd-tuned")
+    write(None)
+    with caplog.at_level("WARNING"):
+        build_spec(tmp_path, "p", None, None, None, None, None, tuned=True)
+    assert "kd's settings carry no teacher recipe" in caplog.text
