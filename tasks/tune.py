@@ -4,8 +4,8 @@ Each method declares its search space here, next to the objective: the student's
 decay for every method, plus the method's own knobs (ranges from the papers or docs/method.md, inside what
 params validation accepts). A trial distils one student with the preset's data and teacher (the sweep's
 folder, ``reports/sweep/<preset>/``, prepared once) and returns its best validation accuracy; the engine's
-per-epoch validation accuracy goes to Optuna's pruner, which stops a hopeless trial after any epoch (no
-checkpoint is written, nothing is registered). The test split is never evaluated by a trial.
+per-epoch validation accuracy goes to Optuna's median pruner, which stops a hopeless trial from half of its
+epochs on (:func:`trial_pruner`; no checkpoint is written, nothing is registered). The test split is never evaluated by a trial.
 
 Studies live in Optuna's RDB storage (``--storage``, default ``sqlite:///<project>/optuna.db``; the
 PostgreSQL of compose.yaml works the same): an interrupted search resumes where it stopped, and several
@@ -112,13 +112,22 @@ def storage_url(root: Path, given: Optional[str]) -> str:
 
 def open_study(name: str, storage: str, seed: int = 0, pruner: Optional[optuna.pruners.BasePruner] = None
                ) -> optuna.Study:
-    """The study ``name`` (created when missing) with a seeded TPE sampler and (by default) a median pruner:
-    after 3 finished trials, a trial whose validation accuracy after an epoch is below the median of the
-    others' at that epoch stops. Stale trials of a killed worker are failed after two missed heartbeats."""
+    """The study ``name`` (created when missing) with a seeded TPE sampler and ``pruner`` (none by default: a
+    study opened to read it prunes nothing; trials get :func:`trial_pruner`). Stale trials of a killed worker
+    are failed after two missed heartbeats."""
     rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=120)
     return optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
                                sampler=optuna.samplers.TPESampler(seed=seed),
-                               pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+                               pruner=pruner or optuna.pruners.NopPruner())
+
+
+def trial_pruner(train: Any) -> optuna.pruners.MedianPruner:
+    """The trials' median pruner for a student recipe ``train`` (its TrainConfig): after 3 finished trials, a
+    trial whose validation accuracy after an epoch is below the median of the others' at that epoch stops, but
+    only from half of the budget on (and never inside the lr warm-up): a slow-start schedule keeps its weight
+    near zero early by design, and an early epoch would judge every method on the learning rate alone."""
+    return optuna.pruners.MedianPruner(n_startup_trials=3,
+                                       n_warmup_steps=max(train.warmup_epochs + 1, math.ceil(train.epochs / 2)))
 
 
 def sampler_seed(study_name: str, trials_so_far: int, worker: int = 0) -> int:
@@ -151,18 +160,18 @@ class TrialContext:
     method: str
     folder: Path
     parent_run_id: Optional[str] = None
-    pruner: Optional[optuna.pruners.BasePruner] = None  # default: open_study's median pruner
+    pruner: Optional[optuna.pruners.BasePruner] = None  # default: trial_pruner(the student's recipe)
     fixed: Mapping[str, Any] = field(default_factory=dict)  # the preset's own overrides of this arm (arm_params)
 
 
 def run_trials(ctx: TrialContext, study_name: str, storage: str, n_trials: int, budget: int, worker: int = 0) -> int:
     """Run up to ``n_trials`` trials of ``study_name`` in this process (worker number ``worker`` of the search),
     stopping once the study has ``budget`` finished trials (see :func:`finished`); returns how many it ran."""
-    study = join_study(study_name, storage, worker, pruner=ctx.pruner)
+    base = load_params_checked(ctx.folder / PARAMS_FILE, {**ctx.fixed, "method.name": ctx.method}, check_dataset=False)
+    study = join_study(study_name, storage, worker, pruner=ctx.pruner or trial_pruner(base.student.train))
     if finished(study) >= budget:
         return 0
     paths = StagePaths(ctx.folder)
-    base = load_params_checked(ctx.folder / PARAMS_FILE, {**ctx.fixed, "method.name": ctx.method}, check_dataset=False)
     data = load_prepared_checked(paths.input(PREPARED))
     teacher = None
     if method_spec(ctx.method).needs_teacher:

@@ -31,3 +31,27 @@ def test_workers_and_resumptions_draw_different_settings(tmp_path: Path) -> None
     assert not set(resumed) & set(worker0)
     # and a one-worker search is repeatable: a fresh study draws what the first one drew
     assert _first_draws(f"sqlite:///{tmp_path / 'again.db'}", "s", 0, 3) == worker0
+
+
+def test_the_pruner_judges_a_trial_from_half_of_its_epochs_on() -> None:
+    """A slow-start schedule is not pruned for its early epochs: 8 epochs with 1 of warm-up -> judged from epoch
+    4 on; a 3-epoch recipe without warm-up -> from epoch 2."""
+    import optuna
+
+    from gkd_core.config import TrainConfig
+    from tasks.tune import trial_pruner
+
+    assert trial_pruner(TrainConfig(epochs=8, warmup_epochs=1))._n_warmup_steps == 4
+    assert trial_pruner(TrainConfig(epochs=3, warmup_epochs=0))._n_warmup_steps == 2
+    assert trial_pruner(TrainConfig(epochs=4, warmup_epochs=3))._n_warmup_steps == 4  # never inside the warm-up
+    study = optuna.create_study(direction="maximize", pruner=trial_pruner(TrainConfig(epochs=8, warmup_epochs=1)))
+    dist = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for _ in range(3):  # the median pruner's start-up trials: 0.9 at every epoch
+        study.add_trial(optuna.trial.create_trial(params={"x": 0.5}, distributions=dist, value=0.9,
+                                                  intermediate_values={e: 0.9 for e in range(1, 9)}))
+    trial = study.ask()
+    verdicts = []
+    for epoch in range(1, 6):  # far below the median at every epoch
+        trial.report(0.1, epoch)
+        verdicts.append(trial.should_prune())
+    assert verdicts == [False, False, False, True, True]
