@@ -360,8 +360,9 @@ def point_figures(arm: str, seed: int, paths: StagePaths, skipped: bool) -> dict
         "agreement": ev.get("agreement"), "test_ece": ev.get("test_ece"), "test_nll": ev.get("test_nll"),
         "train_seconds": train.get("train_seconds"), "device": train.get("device"),
         "val_curve": [row.get("val_accuracy") for row in history],
+        # a term column that is 0 every epoch is a term the objective lacks; the weight is kept (0 for `none`)
         "terms": {term: [row.get(column) for row in history] for term, column in TERM_COLUMNS.items()
-                  if any(row.get(column) for row in history)},
+                  if any(row.get(column) for row in history) or (term == "weight" and history and column in history[0])},
         "dose": dose(history),
         "fingerprint": (read_json(ev_info) if ev_info.is_file() else {}).get("sweep_fingerprint"),
         "torch_threads": torch.get_num_threads(),
@@ -622,7 +623,8 @@ def comparison_markdown(table: Mapping[str, Any], heading: bool = True) -> str:
                   "| arm | CE | KD | W | GM | weight | weight (lr-weighted) |", "|---|---|---|---|---|---|---|"]
         for r in table["arms"]:
             d = r.get("dose") or {}
-            # a weight of 0 every epoch (`none`) is left out of the terms; the dose's plain mean is the same number
+            # summaries written before point_figures kept an all-zero weight (`none`) lack it; the dose's plain
+            # mean is the same number
             t = {**(r.get("terms") or {})}
             t["weight"] = t.get("weight") if t.get("weight") is not None else d.get("mean")
             lines.append(f"| `{r['arm']}` | " + " | ".join(_num(t.get(k), 4) for k in TERM_COLUMNS) +

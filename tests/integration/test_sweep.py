@@ -52,6 +52,7 @@ def test_preset_sweep_writes_the_table_and_resumes(clone_project, prefect_harnes
     assert len(kd0["terms"]["kd"]) == 2 and kd0["terms"]["weight"] == [1.0, 1.0] and "wasserstein" not in kd0["terms"]
     assert set(summaries["gompertz-seed0"]["terms"]) == {"ce", "kd", "wasserstein", "grad_match", "weight"}
     assert "kd" not in summaries["none-seed0"]["terms"] and len(kd0["fingerprint"]) == 16
+    assert summaries["none-seed0"]["terms"]["weight"] == [0.0, 0.0]  # the student alone: weight 0, shown as 0
     assert kd0["test_accuracy"] == next(p for p in first["points"] if p["arm"] == "kd" and p["seed"] == 0)[
         "test_accuracy"] and "dir" not in kd0
     assert sum(f.stat().st_size for f in public.rglob("*.json")) < 100_000  # small files only

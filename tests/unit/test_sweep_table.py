@@ -321,3 +321,19 @@ def test_tuned_settings_apply_only_to_the_teacher_they_were_tuned_against(tmp_pa
     with caplog.at_level("WARNING"):
         build_spec(tmp_path, "p", None, None, None, None, None, tuned=True)
     assert "kd's settings carry no teacher recipe" in caplog.text
+
+
+def test_a_point_summary_keeps_a_zero_weight_and_drops_the_terms_its_objective_lacks(tmp_path):
+    from tasks.paths import StagePaths
+    from tasks.reports import write_history_csv
+    from tasks.sweep import point_figures
+
+    paths = StagePaths(tmp_path)
+    (tmp_path / "reports/plots").mkdir(parents=True)
+    (tmp_path / "reports/student.json").write_text(json.dumps({"objective": "CE", "epochs": 2}))
+    (tmp_path / "reports/evaluate.json").write_text(json.dumps({"test_accuracy": 0.9}))
+    write_history_csv(tmp_path / "reports/plots/student_history.csv",
+                      [{"epoch": e, "lr": 0.1, "train_ce": 1.0 / e, "train_kd": 0.0, "weight": 0.0, "val_accuracy": 0.5}
+                       for e in (1, 2)])
+    terms = point_figures("none", 0, paths, skipped=False)["terms"]
+    assert terms == {"ce": [1.0, 0.5], "weight": [0.0, 0.0]}
