@@ -94,8 +94,8 @@ def test_the_tune_command_resumes_shares_and_feeds_the_sweep(clone_project, tmp_
     assert "| `kd` |" in (out / "summary.md").read_text()
     tuned = (out / "tuned.yaml").read_text()
     assert "method.name: kd" in tuned and "student.train.lr" in tuned
-    # the teacher the settings were tuned against (the preset's 3-epoch one), for --tuned to check
-    assert yaml.safe_load(tuned)["methods"]["kd"]["teacher"]["teacher"]["train"]["epochs"] == 3
+    # the teacher the settings were tuned against (the preset's, with -S teacher.train.epochs=2), for --tuned
+    assert yaml.safe_load(tuned)["methods"]["kd"]["teacher"]["teacher"]["train"]["epochs"] == 2
     # the MLflow side: one parent run per study, a child run per trial with its state
     from tasks import tracking
 
@@ -104,6 +104,11 @@ def test_the_tune_command_resumes_shares_and_feeds_the_sweep(clone_project, tmp_
                                 "tags.`gkd.stage` = 'tune-trial'")
     assert len(trials) == 5 and {r.data.tags["optuna.state"] for r in trials} <= {"complete", "pruned"}
     assert all("val_accuracy" in r.data.metrics for r in trials)
+    # settings tuned against the 2-epoch teacher are refused for the preset's own (3 epochs), before any compute
+    other = run([sys.executable, "-m", "flows.sweep", "--preset", "digits-smoke", "--methods", "kd", "--tuned"],
+                root, check=False)
+    assert other.returncode != 0 and "teacher.train.epochs: 2 -> 3" in other.stderr, other.stderr[-2000:]
+    assert not (root / "reports/sweep/digits-smoke/comparison.json").exists()
     # the tuned arm beside the default one, on the test split over the preset's seeds
     sweep = run([sys.executable, "-m", "flows.sweep", "--preset", "digits-smoke", "--methods", "kd", "--seeds", "0",
                  "--tuned", "--workers", "1", *TINY], root, timeout=900)
