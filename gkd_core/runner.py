@@ -156,6 +156,7 @@ def _train(
         "images_per_second": result.images_per_second,
         "method": method.name if teacher is not None else "none",
         "device": str(device),
+        "torch_threads": torch.get_num_threads(),  # CPU kernels' threads: part of what a CPU run repeats under
         "parameters": sum(p.numel() for p in student.parameters()),
     }
     if world > 1:

@@ -47,7 +47,8 @@ INFO_DIR = "info"  # companion files: reports/info/<name>.json next to reports/<
 # being what experiments are compared on); they go to the companion with the text facts.
 DETAILS = frozenset({
     "per_class_accuracy", "diffs", "batch_sizes", "input_shape", "opset", "bytes", "n", "num_classes", "epochs",
-    "parameters", "images_per_second", "best_val_epoch", "resumed_from_epoch", "schedule",
+    "parameters", "images_per_second", "best_val_epoch", "resumed_from_epoch", "schedule", "torch_threads",
+    "epochs_trained", "stopped_at_epoch",
 })
 
 

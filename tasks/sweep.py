@@ -365,7 +365,8 @@ def point_figures(arm: str, seed: int, paths: StagePaths, skipped: bool) -> dict
                   if any(row.get(column) for row in history) or (term == "weight" and history and column in history[0])},
         "dose": dose(history),
         "fingerprint": (read_json(ev_info) if ev_info.is_file() else {}).get("sweep_fingerprint"),
-        "torch_threads": torch.get_num_threads(),
+        # the threads the point trained with (its report); a skipped point from before they were reported: unknown
+        "torch_threads": train.get("torch_threads", None if skipped else torch.get_num_threads()),
     }
 
 
@@ -487,7 +488,7 @@ def hardware(points: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     threads = sorted({int(p["torch_threads"]) for p in points if p.get("torch_threads")})
     return {"cpu": platform.machine(), "cpu_model": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": ", ".join(map(str, threads)) or str(torch.get_num_threads()),
+            "torch_threads": ", ".join(map(str, threads)) or "unknown",  # points trained before they were reported
             "logical_cpus": os.cpu_count(), "gpu": gpu, "devices": devices,
             "torch": torch.__version__, "python": platform.python_version()}
 

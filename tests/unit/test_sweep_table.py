@@ -323,7 +323,7 @@ def test_tuned_settings_apply_only_to_the_teacher_they_were_tuned_against(tmp_pa
     assert "kd's settings carry no teacher recipe" in caplog.text
 
 
-def test_a_point_summary_keeps_a_zero_weight_and_drops_the_terms_its_objective_lacks(tmp_path):
+def test_a_point_summary_keeps_a_zero_weight_drops_absent_terms_and_reports_its_own_threads(tmp_path):
     from tasks.paths import StagePaths
     from tasks.reports import write_history_csv
     from tasks.sweep import point_figures
@@ -335,5 +335,9 @@ def test_a_point_summary_keeps_a_zero_weight_and_drops_the_terms_its_objective_l
     write_history_csv(tmp_path / "reports/plots/student_history.csv",
                       [{"epoch": e, "lr": 0.1, "train_ce": 1.0 / e, "train_kd": 0.0, "weight": 0.0, "val_accuracy": 0.5}
                        for e in (1, 2)])
-    terms = point_figures("none", 0, paths, skipped=False)["terms"]
-    assert terms == {"ce": [1.0, 0.5], "weight": [0.0, 0.0]}
+    figures = point_figures("none", 0, paths, skipped=True)
+    assert figures["terms"] == {"ce": [1.0, 0.5], "weight": [0.0, 0.0]}
+    assert figures["torch_threads"] is None  # skipped, trained before threads were reported: not this process's
+    (tmp_path / "reports/info").mkdir()
+    (tmp_path / "reports/info/student.json").write_text(json.dumps({"torch_threads": 3}))
+    assert point_figures("none", 0, paths, skipped=True)["torch_threads"] == 3
