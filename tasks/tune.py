@@ -5,7 +5,8 @@ decay for every method, plus the method's own knobs (ranges from the papers or d
 params validation accepts). A trial distils one student with the preset's data and teacher (the sweep's
 folder, ``reports/sweep/<preset>/``, prepared once) and returns its best validation accuracy; the engine's
 per-epoch validation accuracy goes to Optuna's median pruner, which stops a hopeless trial from half of its
-epochs on (:func:`trial_pruner`; no checkpoint is written, nothing is registered). The test split is never evaluated by a trial.
+epochs on (:func:`trial_pruner`; no checkpoint is written, nothing is registered). The test split is never
+evaluated by a trial.
 
 Studies live in Optuna's RDB storage (``--storage``, default ``sqlite:///<project>/optuna.db``; the
 PostgreSQL of compose.yaml works the same): an interrupted search resumes where it stopped, and several
