@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from plain_trainable import PlainTrainable
 from torch import nn
 
 from gkd_core.config import TrainConfig, validate_params
@@ -93,7 +94,7 @@ def test_a_teacher_resumes_after_an_edit_of_the_distillation_losses(tmp_path, di
     assert fp(params) != fp(edited)
 
 
-class _Explodes(nn.Module):
+class _Explodes(PlainTrainable):
     """A minimal trainable of the engine's contract (no distiller): its loss turns NaN at step 3."""
 
     metric_names = {"total": "train_total", "ce": "train_ce"}
@@ -102,21 +103,6 @@ class _Explodes(nn.Module):
         super().__init__()
         self.student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
         self.bad_step, self.how = bad_step, how
-
-    def param_groups(self, base_lr):
-        return [{"params": list(self.student.parameters()), "lr": base_lr}]
-
-    def compile_networks(self):
-        self.student.compile()
-
-    def training_state(self):
-        return self.state_dict()
-
-    def load_training_state(self, state):
-        self.load_state_dict(state)
-
-    def end_epoch(self, progress, row):
-        pass
 
     def forward(self, x, y, progress, step=0):
         logits = self.student(x)

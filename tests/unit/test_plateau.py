@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from plain_trainable import PlainTrainable
 from pydantic import ValidationError
 from torch import nn
 
@@ -40,7 +41,7 @@ def test_lr_factor_holds_after_the_warm_up_at_the_watchers_factor():
     assert lr_factor(3, 200, cfg, 10, w) == pytest.approx(0.4) and lr_factor(150, 200, cfg, 10, w) == 0.25
 
 
-class _Frozen(nn.Module):
+class _Frozen(PlainTrainable):
     """A trainable whose loss has zero gradient: the weights never move, so validation accuracy is constant and
     the plateau's timing is exact: improved at epoch 1, cut at 3, stop at 5 (patience 2, one cut)."""
 
@@ -50,21 +51,6 @@ class _Frozen(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.student = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-
-    def param_groups(self, base_lr):
-        return [{"params": list(self.student.parameters()), "lr": base_lr}]
-
-    def compile_networks(self):
-        pass
-
-    def training_state(self):
-        return self.state_dict()
-
-    def load_training_state(self, state):
-        self.load_state_dict(state)
-
-    def end_epoch(self, progress, row):
-        pass
 
     def forward(self, x, y, progress, step=0):
         logits = self.student(x)
