@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import typer
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.futures import as_completed
 from prefect.runtime import deployment, flow_run
@@ -43,8 +42,8 @@ from tasks.cli import configure_logging
 from tasks.dvc_ops import StageFailed
 from tasks.paths import PARAMS_FILE, StagePaths
 from tasks.sweep import (
-    POINTS, RESULTS_DIR, SHARED_FILES, SWEEP_DIR, SweepSpec, compare, load_preset, merged, point_figures, point_reports,
-    recipe_differences, shared_stages, sweep_point, sweep_root, teacher_figures, teacher_recipe, write_comparison,
+    POINTS, RESULTS_DIR, SHARED_FILES, SWEEP_DIR, SweepSpec, compare, load_preset, point_figures, point_reports,
+    recipe_differences, resolved_params, shared_stages, sweep_point, sweep_root, teacher_figures, teacher_recipe, write_comparison,
     write_sweep_params,
 )
 
@@ -242,8 +241,8 @@ def build_spec(root: Path, preset: Optional[str], methods: Optional[list[str]], 
         # a tuned arm runs as its trials ran: the arm's settings the search held fixed, then what it chose
         entries = {method: entry for method, entry in read_tuned(root / TUNE_DIR / preset).items()
                    if (f"{method}-tuned" in picked_tuned if picked_tuned else not named or method in arms)}
-        _same_teacher(root / TUNE_DIR / preset, entries, lambda: merged(
-            yaml.safe_load((root / PARAMS_FILE).read_text()) or {}, {**base.params, **parse_overrides(overrides)}))
+        _same_teacher(root / TUNE_DIR / preset, entries,
+                      lambda: resolved_params(root, {**base.params, **parse_overrides(overrides)}))
         tuned_arms = {f"{method}-tuned": {**dict(entry.get("fixed") or {}), **dict(entry["overrides"]),
                                           "method.name": method}
                       for method, entry in entries.items()}

@@ -131,10 +131,14 @@ def sweep_root(root: Path, spec: SweepSpec) -> Path:
     return root / SWEEP_DIR / spec.name
 
 
+def resolved_params(root: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The project's params.yaml with a sweep's dotted-key ``overrides`` (not validated)."""
+    return merged(yaml.safe_load((root / PARAMS_FILE).read_text()) or {}, overrides)
+
+
 def write_sweep_params(root: Path, spec: SweepSpec) -> Path:
     """The sweep's own params.yaml (params.yaml + the spec's overrides), validated; every arm x seed checked."""
-    base = yaml.safe_load((root / PARAMS_FILE).read_text()) or {}
-    resolved = merged(base, spec.params)
+    resolved = resolved_params(root, spec.params)
     folder = sweep_root(root, spec)
     folder.mkdir(parents=True, exist_ok=True)
     text = f"# {spec.name}: {PARAMS_FILE} with the sweep's overrides (written by flows.sweep)\n" + \
