@@ -354,6 +354,7 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
         last_epoch = start_epoch  # resumed from the checkpoint of a run that had already stopped on its plateau
     try:
         for epoch in range(start_epoch, last_epoch):
+            plateau_note = None
             row, seen, seconds = _run_epoch(trainable, step_module, train_loader, optimizer, scheduler, cfg, opt,
                                             epoch, total_steps, bar)
             if ddp:  # every rank holds rank 0's model (BatchNorm statistics included): the one evaluated and saved
@@ -365,7 +366,7 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
                 if ev["accuracy"] > best["accuracy"]:
                     best = {"epoch": epoch + 1, "accuracy": ev["accuracy"], "state": _cpu_state(trainable.student)}
                 if plateau is not None:
-                    _plateau_step(plateau, epoch + 1, ev["accuracy"], cfg, opt.desc if main else None)
+                    plateau_note = _plateau_step(plateau, epoch + 1, ev["accuracy"], cfg, opt.desc)
             trainable.end_epoch(progress_at((epoch + 1) * steps_per_epoch - 1, epoch, total_steps, cfg.epochs,
                                             opt.progress), row)
             row["seconds"] = seconds
@@ -375,6 +376,8 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
             history.append(row)
             if main:
                 logger.info("%s epoch %d/%d %s", opt.desc, epoch + 1, cfg.epochs, _fmt(row, hidden))
+                if plateau_note:
+                    logger.info("%s", plateau_note)  # after the epoch's own line: the cut or stop it caused
             bar.end_epoch(epoch + 1, row[loss_column], row.get("val_accuracy"))
             for cb in opt.callbacks if main else ():
                 for name, value in row.items():
@@ -410,18 +413,17 @@ def fit(trainable: Trainable, train_loader: Any, val_loader: Any, cfg: TrainConf
     )
 
 
-def _plateau_step(plateau: Plateau, epoch: int, val_accuracy: float, cfg: TrainConfig, desc: Optional[str]) -> None:
-    """Feed one evaluation to the plateau watcher and log a cut or the stop (``desc`` None: not the main rank)."""
+def _plateau_step(plateau: Plateau, epoch: int, val_accuracy: float, cfg: TrainConfig, desc: str) -> Optional[str]:
+    """Feed one evaluation to the plateau watcher; returns the line that reports a cut or the stop (else None)."""
     action = plateau.observe(epoch, val_accuracy)
-    if desc is None or action not in ("cut", "stop"):
-        return
     p = cfg.plateau
     if action == "cut":
-        logger.info("%s: validation accuracy has not gained %.4f over %.4f in %d evaluation(s): lr x %g "
-                    "(cut %d of %d)", desc, p.min_delta, plateau.best, p.patience, cfg.gamma, plateau.cuts, p.reductions)
-    else:
-        logger.info("%s: validation accuracy plateaued at %.4f after %d lr cut(s): stopped after epoch %d of at most %d",
-                    desc, plateau.best, plateau.cuts, epoch, cfg.epochs)
+        return (f"{desc}: validation accuracy has not gained {p.min_delta:.4f} over {plateau.best:.4f} in "
+                f"{p.patience} evaluation(s): lr x {cfg.gamma:g} (cut {plateau.cuts} of {p.reductions})")
+    if action == "stop":
+        return (f"{desc}: validation accuracy plateaued at {plateau.best:.4f} after {plateau.cuts} lr cut(s): "
+                f"stopped after epoch {epoch} of at most {cfg.epochs}")
+    return None
 
 
 def _run_epoch(trainable: Trainable, step_module: Any, loader: Any, optimizer: torch.optim.Optimizer,

@@ -62,12 +62,18 @@ def _batches(n=4):
     return [(torch.randn(8, 1, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
 
 
-def test_fit_stops_on_the_plateau_with_the_cut_learning_rate_in_its_history(tmp_path):
+def test_fit_stops_on_the_plateau_with_the_cut_learning_rate_in_its_history(tmp_path, caplog):
     cfg = _cfg(warmup_epochs=0, weight_decay=0.0, momentum=0.0)
-    options = FitOptions(progress_bar=False)
-    result = fit(_Frozen(), _batches(), _batches(2), cfg, options)
+    options = FitOptions(progress_bar=False, desc="frozen")
+    with caplog.at_level("INFO", logger="gkd_core.engine"):
+        result = fit(_Frozen(), _batches(), _batches(2), cfg, options)
     assert result.stopped_at_epoch == 5 and len(result.history) == 5  # of at most 20
     assert [r["lr"] for r in result.history] == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05])
+    # each cut or stop is logged after the line of the epoch whose validation accuracy caused it
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("frozen")]
+    kinds = ["cut" if "lr x" in m else "stop" if "plateaued" in m else m.split()[2] for m in lines]
+    assert kinds == ["1/20", "2/20", "3/20", "cut", "4/20", "5/20", "stop"]
+    assert "lr x 0.5 (cut 1 of 1)" in lines[3] and "stopped after epoch 5 of at most 20" in lines[6]
 
     # a run interrupted after the cut resumes with the watcher's state: the same stop, the same learning rates
     ckpt = Checkpointing(tmp_path / "p.ckpt", "fp")
