@@ -43,8 +43,8 @@ from tasks.dvc_ops import StageFailed
 from tasks.paths import PARAMS_FILE, StagePaths
 from tasks.sweep import (
     POINTS, RESULTS_DIR, SHARED_FILES, SWEEP_DIR, SweepSpec, compare, load_preset, point_figures, point_reports,
-    recipe_differences, resolved_params, shared_stages, sweep_point, sweep_root, teacher_figures, teacher_recipe, write_comparison,
-    write_sweep_params,
+    recipe_differences, resolved_params, shared_stages, sweep_point, sweep_root, teacher_figures, teacher_recipe,
+    write_comparison, write_sweep_params,
 )
 
 logger = logging.getLogger(__name__)
